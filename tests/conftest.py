@@ -18,3 +18,21 @@ def real_ct_dir() -> Path:
     if not REAL_CT_DIR.is_dir():
         pytest.skip(f"real CT series not found at {REAL_CT_DIR}")
     return REAL_CT_DIR
+
+
+TINY_DEMO = {"n_positive": 4, "n_negative": 4, "size": 64, "slices": 8, "seed": 0}
+"""Arguments of :func:`pipeline.demo_data.make_demo_data` behind the ``tiny_demo_dataset`` fixture."""
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of small synthetic chest CT volumes (64 x 64 x 8) with ``datalist.json`` and ``README.txt``.
+
+    Written once per test session: 4 positive and 4 negative phantoms, seed 0, split 2 / 1 / 1
+    per class into training, validation and test. Tests must not modify it.
+    """
+    from pipeline.demo_data import make_demo_data
+
+    out_dir = tmp_path_factory.mktemp("tiny_demo_dataset")
+    make_demo_data(out_dir, **TINY_DEMO)
+    return out_dir
