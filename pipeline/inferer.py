@@ -1,0 +1,113 @@
+"""Evaluation and inference output contract: volume logits together with the slice attention.
+
+:class:`SliceAttentionInferer` calls the network's ``forward_with_attention`` on every slice of
+the volume (no sampling; its ``slice_chunk`` bounds the memory) and returns
+``{"logits": (B, 2), "attention": (B, S)}`` as the engine's ``"pred"``.
+:func:`attention_postprocessing` then flattens that dictionary. After it, for every iteration
+of a :class:`~monai.engines.SupervisedEvaluator` (decollated, one dictionary per volume):
+
+- ``engine.state.output[i]["pred"]``: class probabilities ``(2,)`` (softmax of the logits);
+  stacked over a batch by ``from_engine(["pred"])`` they are ``(B, 2)``;
+- ``engine.state.output[i]["logits"]``: the raw logits ``(2,)``;
+- ``engine.state.output[i]["attention"]``: softmax weights ``(S,)`` over the slices scored,
+  in the order of the network input (they sum to 1);
+- ``engine.state.output[i]["label"]``: the volume label, when the data has one;
+- ``engine.state.batch[i]["image"].meta``: the image meta data (``filename_or_obj``, affine);
+- ``engine.state.batch[i]["slice_indices"]``: for each scored slice, its index among the axial
+  slices of the original volume (every slice in evaluation and inference);
+- ``engine.state.batch[i]["slice_labels"]``: per-slice labels aligned with the scored slices,
+  when the data list has them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+from monai.transforms import Activationsd, Compose, CopyItemsd, FlattenSubKeysd
+from torch import nn
+
+__all__ = ["SliceAttentionInferer", "attention_postprocessing", "unwrap_network"]
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The module inside ``DataParallel`` / ``DistributedDataParallel`` wrappers, else ``network``."""
+    while isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        network = network.module
+    return network
+
+
+class SliceAttentionInferer(Inferer):
+    """Run ``network.forward_with_attention`` and return the logits with the slice attention.
+
+    Args:
+        slice_chunk: when given, the network's CNN runs over at most this many slices at a time
+            during the call (its ``slice_chunk`` attribute is set, then restored), which bounds
+            the memory of scoring long volumes without changing training. ``None`` keeps the
+            network's own setting.
+        logits_key: key of the logits in the returned dictionary.
+        attention_key: key of the attention weights in the returned dictionary.
+    """
+
+    def __init__(
+        self, slice_chunk: int | None = None, logits_key: str = "logits", attention_key: str = "attention"
+    ) -> None:
+        super().__init__()
+        if slice_chunk is not None and slice_chunk < 1:
+            raise ValueError(f"slice_chunk must be a positive number of slices or None, got {slice_chunk}")
+        self.slice_chunk = slice_chunk
+        self.logits_key = logits_key
+        self.attention_key = attention_key
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> dict:
+        """Score ``inputs`` ``(B, C, H, W, S)``.
+
+        Returns:
+            ``{logits_key: (B, num_classes), attention_key: (B, S)}``.
+
+        Raises:
+            TypeError: the network has no ``forward_with_attention`` method.
+        """
+        module = unwrap_network(network)
+        forward = getattr(module, "forward_with_attention", None)
+        if not callable(forward):
+            raise TypeError(
+                f"{type(module).__name__} has no forward_with_attention(x) -> (logits, attention) method"
+            )
+        with _slice_chunk(module, self.slice_chunk):
+            logits, attention = forward(inputs, *args, **kwargs)
+        return {self.logits_key: logits, self.attention_key: attention}
+
+
+@contextlib.contextmanager
+def _slice_chunk(module: nn.Module, chunk: int | None) -> Iterator[None]:
+    """Set ``module.slice_chunk`` to ``chunk`` for the duration (unless ``None`` or not supported)."""
+    if chunk is None or not hasattr(module, "slice_chunk"):
+        yield
+        return
+    previous = module.slice_chunk
+    module.slice_chunk = chunk
+    try:
+        yield
+    finally:
+        module.slice_chunk = previous
+
+
+def attention_postprocessing(
+    pred_key: str = "pred", logits_key: str = "logits", attention_key: str = "attention"
+) -> Compose:
+    """Post-processing that turns :class:`SliceAttentionInferer`'s output into the contract above.
+
+    Moves ``logits`` and ``attention`` out of ``pred`` to the top level, then stores the softmax
+    of the logits as ``pred``.
+    """
+    return Compose(
+        [
+            FlattenSubKeysd(keys=pred_key, sub_keys=[logits_key, attention_key]),
+            CopyItemsd(keys=logits_key, names=pred_key),
+            Activationsd(keys=pred_key, softmax=True),
+        ]
+    )

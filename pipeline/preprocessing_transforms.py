@@ -1,0 +1,195 @@
+"""Small MONAI transforms the bundle's preprocessing chains need around the CT transforms.
+
+- :class:`OriginalSliceIndices` / :class:`OriginalSliceIndicesd`: after reorientation, the index
+  of each axial slice in the volume as stored on disk, and the slice labels put in the same
+  order as the slices.
+- :class:`CacheableMeta` / :class:`CacheableMetad`: meta data that ``torch.load(weights_only=True)``
+  accepts, so ``PersistentDataset`` can cache MetaTensors (numpy arrays in the meta data and
+  the applied-operations trace are otherwise refused on loading and the cache never hits).
+- :class:`ApplyToClassd`: apply random transforms only to items of some classes (the
+  positive-only augmentation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms import Compose, MapTransform, Randomizable, Transform
+from monai.utils import TransformBackends, convert_to_tensor
+
+from transforms.validation import InvalidVolumeError, source_name
+
+__all__ = [
+    "ApplyToClassd",
+    "CacheableMeta",
+    "CacheableMetad",
+    "OriginalSliceIndices",
+    "OriginalSliceIndicesd",
+]
+
+
+class OriginalSliceIndices(Transform):
+    """Index, in the volume as loaded from disk, of each slice along the last axis of ``img``.
+
+    Reorientation (``Orientationd``) may flip or permute the voxel axes; the image's meta data
+    keeps the affine at loading (``original_affine``) and the current one (``affine``), which
+    together map each current slice back to its original index. Without that meta data (numpy
+    or torch input), the slices are taken as unchanged: ``0 .. S-1``.
+
+    Returns:
+        ``torch.int64`` tensor ``(S,)``.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __call__(self, img: NdarrayOrTensor) -> torch.Tensor:
+        count = int(img.shape[-1])
+        positions = np.arange(count)
+        original = getattr(img, "meta", {}).get("original_affine") if isinstance(img, MetaTensor) else None
+        if original is None:
+            return torch.as_tensor(positions, dtype=torch.int64)
+        current_to_original = np.linalg.inv(np.asarray(original, dtype=np.float64)) @ np.asarray(
+            img.affine, dtype=np.float64
+        )
+        axis = int(np.argmax(np.abs(current_to_original[:3, 2])))  # original axis of the slices
+        step, offset = current_to_original[axis, 2], current_to_original[axis, 3]
+        return torch.as_tensor(np.rint(step * positions + offset).astype(np.int64))
+
+
+class OriginalSliceIndicesd(MapTransform):
+    """Dictionary-based :class:`OriginalSliceIndices`; also orders the slice labels like the slices.
+
+    Run it right after reorientation, before any resampling along the slices. The slice
+    labels of a data list follow the volume's slice order on disk; this puts them in the
+    order of the reoriented slices (as ``torch.int64``) so that ``slice_labels[k]`` belongs to
+    slice ``k`` of the network input.
+
+    Args:
+        keys: the image key (one).
+        indices_key: where to store the original slice indices.
+        labels_key: the slice labels to reorder, when present.
+        allow_missing_keys: don't raise when the image is missing.
+
+    Raises:
+        InvalidVolumeError: the number of slice labels differs from the number of slices.
+    """
+
+    backend = OriginalSliceIndices.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        indices_key: str = "slice_indices",
+        labels_key: str = "slice_labels",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.indices_key = indices_key
+        self.labels_key = labels_key
+        self.indexer = OriginalSliceIndices()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            indices = self.indexer(d[key])
+            d[self.indices_key] = indices
+            labels = d.get(self.labels_key)
+            if labels is None:
+                continue
+            labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+            if labels.numel() != indices.numel():
+                raise InvalidVolumeError(
+                    f"{source_name(d[key])}: {labels.numel()} slice labels for {indices.numel()} axial slices"
+                )
+            d[self.labels_key] = labels[indices]
+        return d
+
+
+OriginalSliceIndicesD = OriginalSliceIndicesDict = OriginalSliceIndicesd
+
+
+class CacheableMeta(Transform):
+    """Make a MetaTensor's meta data loadable by ``torch.load(weights_only=True)``.
+
+    Numpy arrays and scalars in the meta data become tensors and the applied-operations trace
+    is dropped (the cached result is an end point: it is not inverted). Other inputs pass
+    unchanged.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        if not isinstance(img, MetaTensor):
+            return img
+        meta = convert_to_tensor(dict(img.meta), track_meta=False)
+        return MetaTensor(img.as_tensor(), meta=meta, applied_operations=[])  # shares the voxel data
+
+
+class CacheableMetad(MapTransform):
+    """Dictionary-based :class:`CacheableMeta`."""
+
+    backend = CacheableMeta.backend
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = CacheableMeta()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d
+
+
+CacheableMetaD = CacheableMetaDict = CacheableMetad
+
+
+class ApplyToClassd(Randomizable, Transform):
+    """Apply ``transforms`` to the items whose class label is in ``classes``; pass the others.
+
+    The positive-only augmentation of the paper: the few positive volumes get random
+    variations, the negatives are seen as they are. Random states propagate to the wrapped
+    transforms (``set_random_state``, MONAI's data loader seeding).
+
+    Args:
+        transforms: a transform or sequence of transforms (wrapped in ``Compose``).
+        label_key: key of the class label (an int, or a one-element array or tensor).
+        classes: labels whose items are transformed.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        transforms: Callable | Sequence[Callable],
+        label_key: str = "label",
+        classes: Sequence[int] = (1,),
+    ) -> None:
+        self.transform = transforms if isinstance(transforms, Compose) else Compose(transforms)
+        self.label_key = label_key
+        self.classes = {int(c) for c in classes}
+
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> ApplyToClassd:
+        super().set_random_state(seed, state)
+        self.transform.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        """The wrapped transforms draw their own parameters."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        label = data.get(self.label_key)
+        if label is None:
+            return dict(data)
+        value = int(np.asarray(label.cpu() if isinstance(label, torch.Tensor) else label).reshape(-1)[0])
+        return self.transform(dict(data)) if value in self.classes else dict(data)
+
+
+ApplyToClassD = ApplyToClassDict = ApplyToClassd

@@ -1,0 +1,216 @@
+"""The bundle end to end on tiny demo data: train, resume, evaluate, 2-process training, Model Zoo checks.
+
+Training, resuming, evaluating and the ``torchrun`` run go through real ``python -m monai.bundle``
+subprocesses; one training run (one epoch, 64 x 64 x 8 volumes cropped to 32 x 32, 4 slices
+sampled, a small LSTM and classifier) is shared by the tests that need a checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipeline.checkpoint_io import load_checkpoint
+from tests.conftest import BUNDLE_DIR, METADATA_SCHEMA, REPO_ROOT
+
+CONFIGS = BUNDLE_DIR / "configs"
+TRAIN = str(CONFIGS / "train.json")
+META = str(CONFIGS / "metadata.json")
+SMALL_NETWORK = {"lstm_hidden": 8, "fc_hidden": 16}
+TINY = [
+    "--num_slices", "4",
+    "--resize_size", "36",
+    "--spatial_size", "32",
+    "--lstm_hidden", "8",
+    "--fc_hidden", "16",
+    "--num_workers", "0",
+]  # fmt: skip
+
+
+def _bundle(*args: str, processes: int = 1, timeout: int = 400) -> str:
+    """Run ``python -m monai.bundle *args`` (under ``torchrun`` for several processes); return its log."""
+    launcher = [sys.executable, "-m", "monai.bundle"]
+    if processes > 1:
+        torchrun = ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        launcher = [sys.executable, "-m", *torchrun, "-m", "monai.bundle"]
+    result = subprocess.run(
+        [*launcher, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    return log
+
+
+def _train(root: Path, dataset: Path, *extra: str, config: str = TRAIN, processes: int = 1) -> str:
+    places = ["--bundle_root", str(root), "--dataset_dir", str(dataset)]
+    return _bundle("run", "--config_file", config, *places, *TINY, *extra, processes=processes)
+
+
+def _scalars(log_dir: Path) -> dict[str, list[int]]:
+    """Steps of every scalar tag in the TensorBoard event files of ``log_dir``."""
+    steps: dict[str, list[int]] = {}
+    for events in sorted(log_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(event.step for event in accumulator.Scalars(tag))
+    return steps
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_demo_dataset: Path) -> Path:
+    """Bundle root after one training epoch on the tiny demo data."""
+    root = tmp_path_factory.mktemp("trained_bundle")
+    log = _train(root, tiny_demo_dataset, "--epochs", "1")
+    (root / "train.log").write_text(log)
+    return root
+
+
+@pytest.mark.slow
+def test_one_epoch_writes_checkpoints_and_tensorboard_events(trained: Path) -> None:
+    best = load_checkpoint(trained / "models" / "model.pt")
+    last = load_checkpoint(trained / "models" / "checkpoint_last.pt")
+
+    assert set(best) == set(last["model"])  # the network's bare state dict, as in the Model Zoo
+    assert set(last) == {"model", "optimizer", "lr_scheduler", "best_model", "trainer"}
+    assert last["trainer"]["iteration"] == 4  # 4 training volumes, batch size 1
+    assert last["best_model"]["best_epoch"] == 1
+    for name, tensor in best.items():
+        assert torch.equal(tensor, last["model"][name]), name  # the only epoch is the best
+    steps = _scalars(trained / "eval")
+    assert steps["train_loss"] == [1, 2, 3, 4]
+    assert steps["val_auc"] == [1]
+    assert {"volume_acc", "volume_auc", "slice_acc", "slice_auc"} <= set(steps)
+    assert "Epoch[1] Metrics" in (trained / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_saved_epoch(
+    trained: Path, tiny_demo_dataset: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(trained / "models", tmp_path / "models")
+    before = load_checkpoint(tmp_path / "models" / "checkpoint_last.pt")
+
+    log = _train(tmp_path, tiny_demo_dataset, "--epochs", "2", "--resume", "True", "--cache_dir", "False")
+
+    after = load_checkpoint(tmp_path / "models" / "checkpoint_last.pt")
+    assert "resumed from" in log and "epochs done 1 of 2" in log
+    assert "Epoch: 2/2" in log and "Epoch: 1/2" not in log  # the first epoch is not trained again
+    assert after["trainer"]["iteration"] == 8
+    assert after["lr_scheduler"]["last_epoch"] == before["lr_scheduler"]["last_epoch"] + 4
+    assert _scalars(tmp_path / "eval")["train_loss"] == [5, 6, 7, 8]
+    assert not list((tmp_path / "eval").glob("cache*"))  # --cache_dir False: no persistent cache
+
+
+@pytest.mark.slow
+def test_evaluate_writes_metrics_at_volume_and_slice_level(
+    trained: Path, tiny_demo_dataset: Path, tmp_path: Path
+) -> None:
+    config = f"['{TRAIN}','{CONFIGS / 'evaluate.json'}']"
+
+    places = [
+        "--bundle_root",
+        str(trained),
+        "--dataset_dir",
+        str(tiny_demo_dataset),
+        "--output_dir",
+        str(tmp_path),
+    ]
+    _bundle("run", "--config_file", config, *places, "--save_slice_attention", "True", *TINY)
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["checkpoint"] == str(trained / "models" / "model.pt")
+    assert metrics["volume"]["count"] == 2
+    assert metrics["slice"]["count"] == 16 and metrics["slice"]["volumes"] == 2  # every slice scored
+    for level in ("volume", "slice"):
+        values = metrics[level]
+        (tn, fp), (fn, tp) = values["confusion_matrix"]
+        assert tn + fp + fn + tp == values["count"]
+        assert values["acc"] == pytest.approx((tp + tn) / values["count"])
+        for name in ("acc", "pre", "rec", "f1", "sen", "spe", "auc"):
+            assert values[name] is None or 0.0 <= values[name] <= 1.0, (level, name)
+    with (tmp_path / "predictions.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 2 and all(int(row["n_slices"]) == 8 for row in rows)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training(tiny_demo_dataset: Path, tmp_path: Path) -> None:
+    config = f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.json'}']"
+
+    log = _train(tmp_path, tiny_demo_dataset, "--epochs", "1", config=config, processes=2)
+
+    last = load_checkpoint(tmp_path / "models" / "checkpoint_last.pt")
+    assert last["trainer"]["iteration"] == 2  # 4 training volumes shared by 2 processes
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert (
+        len(list((tmp_path / "eval").glob("events.out.tfevents.*"))) == 2
+    )  # trainer and evaluator of rank 0
+    assert len(re.findall(r"saved the training state of epoch 1", log)) == 1  # rank 0 only
+
+
+def test_metadata_follows_the_schema() -> None:
+    pytest.importorskip("jsonschema")
+    if not METADATA_SCHEMA.is_file():
+        pytest.skip(f"metadata schema not found at {METADATA_SCHEMA}")
+
+    verify_metadata(meta_file=META, filepath=str(METADATA_SCHEMA))
+
+
+def test_network_input_and_output_match_the_metadata() -> None:
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=TRAIN, device="cpu", any=2)
+
+
+@pytest.mark.slow
+def test_checkpoint_exports_to_torchscript(trained: Path, tmp_path: Path) -> None:
+    exported = tmp_path / "model.ts"
+
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(exported),
+        ckpt_file=str(trained / "models" / "model.pt"),
+        meta_file=META,
+        config_file=TRAIN,
+        **SMALL_NETWORK,
+    )
+
+    scripted = torch.jit.load(str(exported))
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update(SMALL_NETWORK)
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(load_checkpoint(trained / "models" / "model.pt"))
+    network.eval()
+    inputs = torch.rand(1, 2, 32, 32, 5)
+    with torch.no_grad():
+        assert torch.allclose(scripted(inputs), network(inputs), atol=1e-5)
+        logits, attention = scripted.forward_with_attention(inputs)
+    assert logits.shape == (1, 2) and attention.shape == (1, 5)
+
+
+def _documented_ids() -> set[str]:
+    readme = (BUNDLE_DIR / "docs" / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    return {name for row in rows for name in re.findall(r"`([^`]+)`", row.split("|")[1])}
+
+
+def test_readme_documents_every_config_id() -> None:
+    documented = _documented_ids()
+    expected = set()
+    for name in ("train.json", "evaluate.json", "multi_gpu_train.json"):
+        config = json.loads((CONFIGS / name).read_text())
+        expected |= set(config)
+        for section in ("train", "validate"):
+            expected |= {f"{section}#{key}" for key in config.get(section, {})}
+
+    assert expected - documented == set()
