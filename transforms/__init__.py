@@ -17,5 +17,12 @@ from transforms.slice_sampling import (
     RandSliceSampleDict,
     take_slices,
 )
+from transforms.stochastic_enhance import (
+    EnhancementLayers,
+    StochasticEnhance,
+    StochasticEnhanceD,
+    StochasticEnhanced,
+    StochasticEnhanceDict,
+)
 from transforms.tone_map import LUNG_WINDOW_HU, ToneMap, ToneMapD, ToneMapd, ToneMapDict, tone_curve
 from transforms.validation import InvalidVolumeError, check_finite, check_hu, check_volume, source_name
