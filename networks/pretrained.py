@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -70,7 +72,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedLoad
 
     Raises:
         FileNotFoundError: the file does not exist (no download is attempted).
-        ValueError: the file holds no state dict, or a tensor's shape differs from the
+        ValueError: the file holds no state dict, holds pickled Python objects (refused unread:
+            it is loaded with ``weights_only=True``), or a tensor's shape differs from the
             backbone's (every such key is named with both shapes).
         TypeError: ``model`` holds no ResNeXt backbone.
     """
@@ -81,7 +84,15 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedLoad
             f"pretrained weights not found: {file} (a local file in torchvision's resnext50_32x4d "
             "state-dict layout is required; nothing is downloaded)"
         )
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"pickled Python objects ({found.group(1)})" if found else "data that is not plain tensors"
+        raise ValueError(
+            f"{file}: refused: the file holds {what}, and pretrained weights are loaded as weights only "
+            "(torch.load weights_only=True); nothing in it was run"
+        ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{file} does not hold a state dict of tensors (got {type(state).__name__})")
 

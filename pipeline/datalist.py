@@ -6,16 +6,21 @@ optional: one 0/1 per axial slice, in the volume's slice order). ``image`` is a 
 MetaImage file or a DICOM series folder, relative to the data folder or absolute.
 
 :func:`load_datalist` reads a split and runs :func:`check_datalist`, which collects every
-problem (missing files, unreadable headers, labels outside {0, 1}, slice labels of the wrong
-length, ...) and raises one :class:`DatalistError` that lists them all. Slice counts come from
-the image headers (nibabel, ITK), so the check reads no voxel data.
+problem (missing files, unreadable headers, truncated files, DICOM series that are not CT,
+labels outside {0, 1}, slice labels of the wrong length, ...) and raises one
+:class:`DatalistError` that lists them all. Slice counts come from the image headers (nibabel,
+ITK); :func:`check_image_file` reads voxel data only of floating-point NIfTI files (integer CT
+cannot hold NaN) and of compressed files whose size field disagrees with their header.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
+import struct
+import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +32,7 @@ __all__ = [
     "DatalistError",
     "axial_slice_count",
     "check_datalist",
+    "check_image_file",
     "class_balance_weights",
     "load_datalist",
 ]
@@ -36,6 +42,9 @@ logger = logging.getLogger(__name__)
 LABELS = (0, 1)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SERIES_RESTRICTION = "0008|0021"  # series date: how MONAI's ITKReader tells series apart
+DICOM_MODALITY_TAG = "0008|0060"
+CT_MODALITY = "CT"
+_READ_CHUNK = 1 << 22
 
 
 class DatalistError(ValueError):
@@ -80,7 +89,8 @@ def _itk_file_slice_count(path: Path) -> int:
     return int(shape[_axial_axis(directions)])
 
 
-def _dicom_slice_count(folder: Path, series_uid: str | None) -> int:
+def _dicom_series_files(folder: Path, series_uid: str | None) -> list[str]:
+    """The files of the one DICOM series of ``folder`` (or of the series ``series_uid``)."""
     import itk
 
     names = itk.GDCMSeriesFileNames.New()
@@ -97,7 +107,97 @@ def _dicom_slice_count(folder: Path, series_uid: str | None) -> int:
         series_uid = series[0]
     elif series_uid not in series:
         raise ValueError(f"no DICOM series {series_uid!r} in the folder")
-    return len(names.GetFileNames(series_uid))
+    return [str(name) for name in names.GetFileNames(series_uid)]
+
+
+def _dicom_slice_count(folder: Path, series_uid: str | None) -> int:
+    return len(_dicom_series_files(folder, series_uid))
+
+
+def _dicom_modality(file: str) -> str | None:
+    """The Modality tag of one DICOM file, or ``None`` when it has none."""
+    import itk
+
+    image_io = itk.GDCMImageIO.New()
+    image_io.SetFileName(file)
+    image_io.ReadImageInformation()
+    found, value = image_io.GetValueFromTag(DICOM_MODALITY_TAG, "")
+    return (str(value).strip() or None) if found else None
+
+
+def _check_compressed_size(path: Path, expected: int) -> None:
+    """Raise ``ValueError`` when the gzip file ``path`` does not hold ``expected`` bytes, complete.
+
+    The gzip trailer records the uncompressed size (modulo 2**32); when it matches the header's
+    size nothing else is read. Otherwise (a truncated file's last bytes are arbitrary data, or
+    a file of several gzip members) the whole stream is decompressed to find out.
+    """
+    with path.open("rb") as stream:
+        stream.seek(-4, os.SEEK_END)
+        (recorded,) = struct.unpack("<I", stream.read(4))
+    if recorded == expected % (1 << 32):
+        return
+    size = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(_READ_CHUNK):
+                size += len(chunk)
+    except (EOFError, OSError, zlib.error) as error:
+        raise ValueError(f"truncated or corrupt compressed file ({error})") from None
+    if size < expected:
+        raise ValueError(
+            f"truncated file: {size} bytes of image data and header, the header needs {expected}"
+        )
+
+
+def _check_nifti_file(path: Path) -> None:
+    import nibabel as nib
+
+    image = nib.load(os.fspath(path))
+    header = image.header
+    dtype = header.get_data_dtype()
+    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * dtype.itemsize
+    if path.name.lower().endswith(".gz"):
+        _check_compressed_size(path, expected)
+    elif path.stat().st_size < expected:
+        raise ValueError(f"truncated file: {path.stat().st_size} bytes, the header needs {expected}")
+    if np.issubdtype(dtype, np.floating):  # ITK's NIfTI reader turns NaN into 0: look before it does
+        data = np.asarray(image.dataobj)
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise ValueError(f"{bad} voxels are NaN or infinite")
+
+
+def check_image_file(path: str | os.PathLike, series_uid: str | None = None) -> None:
+    """Check what an image header cannot tell about a file: complete data, finite values, CT modality.
+
+    - NIfTI (``.nii``, ``.nii.gz``): the file holds all the voxel data its header describes (a
+      truncated ``.nii.gz`` otherwise loads with zeros in place of the missing voxels), and a
+      floating-point file holds no NaN or infinite voxel (ITK's reader would turn them into 0).
+    - DICOM series folder: the series' Modality tag, when present, is ``CT``.
+    - Other formats pass.
+
+    Args:
+        path: the image file or DICOM series folder.
+        series_uid: which series of a DICOM folder holding several.
+
+    Raises:
+        ValueError: naming the problem (the caller adds the file name).
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            files = _dicom_series_files(path, series_uid)
+            modality = _dicom_modality(files[0]) if files else None
+            if modality is not None and modality.upper() != CT_MODALITY:
+                raise ValueError(f"a DICOM series of modality {modality!r}, not CT")
+        elif path.name.lower().endswith(NIFTI_SUFFIXES):
+            _check_nifti_file(path)
+    except ValueError:
+        raise
+    except Exception as error:  # nibabel and ITK raise many types for broken files
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"unreadable file ({message[:200]})") from error
 
 
 def axial_slice_count(path: str | os.PathLike, series_uid: str | None = None) -> int:
@@ -164,6 +264,7 @@ def _check_item(
     elif read_headers:
         try:
             slices = axial_slice_count(path, item.get("series_uid"))
+            check_image_file(path, item.get("series_uid"))
         except ValueError as error:
             problems.append(f"{where}: {error}")
         else:
@@ -189,7 +290,8 @@ def check_datalist(
         source: the data list's name, for the messages.
         require_labels: every item needs a volume ``label``.
         read_headers: read each image header (catches unreadable files, 2D images and
-            slice labels whose length differs from the slice count).
+            slice labels whose length differs from the slice count) and run
+            :func:`check_image_file` (truncated NIfTI, NaN voxels, DICOM series not CT).
 
     Returns:
         The items with absolute image paths (other fields unchanged).
@@ -208,8 +310,13 @@ def check_datalist(
         problems.extend(found)
         if resolved is not None:
             checked.append(resolved)
-    images = Counter(item["image"] for item in checked)
-    problems.extend(f"{split}: {path} is listed {n} times" for path, n in images.items() if n > 1)
+    # one DICOM folder may hold several series, each an item of its own
+    images = Counter((item["image"], item.get("series_uid")) for item in checked)
+    problems.extend(
+        f"{split}: {path}{f' (series {series})' if series else ''} is listed {n} times"
+        for (path, series), n in images.items()
+        if n > 1
+    )
     if problems:
         raise DatalistError(source, problems)
     classes = Counter(item.get("label") for item in checked)

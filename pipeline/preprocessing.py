@@ -3,7 +3,9 @@
 :func:`deterministic_transforms` is the one definition of the cached, deterministic part that
 training, evaluation and inference all share::
 
-    LoadImaged (ITKReader: NIfTI, MetaImage, DICOM series folders) -> channel first
+    LoadImaged (ITKReader: NIfTI, MetaImage, DICOM series folders; the item's ``series_uid``
+    of a folder holding several series) -> channel first
+    -> refuse what is not a CT volume (2D, truncated file, NaN, not CT)
     -> Orientationd RAS (axial slices last) -> original slice indices, slice labels aligned
     -> LungMaskd (HU, before any rescaling) -> HU window to [0, 1] (or ToneMapd)
     -> optional StochasticEnhanced -> in-plane resize to ``resize_size`` (slices kept)
@@ -46,7 +48,13 @@ from monai.transforms import (
     Transposed,
 )
 
-from pipeline.preprocessing_transforms import ApplyToClassd, CacheableMetad, OriginalSliceIndicesd
+from pipeline.inference import SeriesLoadImaged
+from pipeline.preprocessing_transforms import (
+    ApplyToClassd,
+    CacheableMetad,
+    OriginalSliceIndicesd,
+    ValidateVolumed,
+)
 from transforms import LungMaskd, RandSliceSampled, StochasticEnhanced, ToneMapd
 
 __all__ = [
@@ -127,8 +135,10 @@ def deterministic_transforms(
     if enhancement == "stochastic":
         windowing.append(StochasticEnhanced(keys=image_key, seed=seed))
     return [
-        LoadImaged(keys=image_key, reader=reader, image_only=True),
+        # reads the series an item names under "series_uid" in a folder of several DICOM series
+        SeriesLoadImaged(LoadImaged(keys=image_key, reader=reader, image_only=True)),
         EnsureChannelFirstd(keys=image_key),
+        ValidateVolumed(keys=image_key),
         Orientationd(keys=image_key, axcodes="RAS", labels=None),
         OriginalSliceIndicesd(keys=image_key, indices_key=slice_indices_key, labels_key=slice_labels_key),
         EnsureTyped(keys=image_key, dtype="float32", track_meta=True),

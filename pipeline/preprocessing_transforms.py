@@ -1,5 +1,8 @@
 """Small MONAI transforms the bundle's preprocessing chains need around the CT transforms.
 
+- :class:`ValidateVolume` / :class:`ValidateVolumed`: right after loading, refuse an image that
+  is not a usable CT volume (2D, several channels, truncated file, NaN voxels hidden by the
+  reader, DICOM series of another modality) with an error naming the file.
 - :class:`OriginalSliceIndices` / :class:`OriginalSliceIndicesd`: after reorientation, the index
   of each axial slice in the volume as stored on disk, and the slice labels put in the same
   order as the slices.
@@ -22,7 +25,8 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform, Randomizable, Transform
 from monai.utils import TransformBackends, convert_to_tensor
 
-from transforms.validation import InvalidVolumeError, source_name
+from pipeline.datalist import check_image_file
+from transforms.validation import InvalidVolumeError, check_volume, source_name
 
 __all__ = [
     "ApplyToClassd",
@@ -30,7 +34,76 @@ __all__ = [
     "CacheableMetad",
     "OriginalSliceIndices",
     "OriginalSliceIndicesd",
+    "ValidateVolume",
+    "ValidateVolumed",
 ]
+
+
+class ValidateVolume(Transform):
+    """Refuse a loaded image that is not a usable CT volume; pass it on unchanged otherwise.
+
+    Checks that the image is channel-first ``(1, H, W, D)`` with voxels (a 2D image or a
+    multi-channel one is refused) and, when its meta data names the file it came from, what
+    the reader cannot show: a truncated NIfTI file (read with zeros in place of the missing
+    data), NaN or infinite voxels of a floating-point NIfTI file (read as 0), a DICOM series
+    whose Modality is not CT (see :func:`pipeline.datalist.check_image_file`).
+
+    Args:
+        check_file: also check the source file.
+
+    Raises:
+        InvalidVolumeError: naming the file and the problem.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(self, check_file: bool = True) -> None:
+        self.check_file = check_file
+
+    def __call__(self, img: NdarrayOrTensor, series_uid: str | None = None) -> NdarrayOrTensor:
+        """Return ``img`` unchanged; ``series_uid`` names the series of a multi-series DICOM folder."""
+        name = source_name(img)
+        check_volume(img, name)
+        if self.check_file and name != "<array>":
+            try:
+                check_image_file(name, series_uid)
+            except ValueError as error:
+                raise InvalidVolumeError(f"{name}: {error}") from None
+        return img
+
+
+class ValidateVolumed(MapTransform):
+    """Dictionary-based :class:`ValidateVolume`.
+
+    Args:
+        keys: the image keys.
+        series_key: key of the DICOM series identifier of the item, when it names one.
+        check_file: also check the source file.
+        allow_missing_keys: don't raise when a key is missing.
+    """
+
+    backend = ValidateVolume.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        series_key: str = "series_uid",
+        check_file: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.series_key = series_key
+        self.validator = ValidateVolume(check_file)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        series = d.get(self.series_key)
+        for key in self.key_iterator(d):
+            d[key] = self.validator(d[key], str(series) if series else None)
+        return d
+
+
+ValidateVolumeD = ValidateVolumeDict = ValidateVolumed
 
 
 class OriginalSliceIndices(Transform):
