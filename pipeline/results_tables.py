@@ -1,0 +1,146 @@
+"""Markdown tables of the accuracy study in the paper's layout.
+
+Table 1 compares the enhancement settings (original, stochastic enhancement, tone mapping),
+Table 2 the ablations (N-SCA, N-MSCA, N-SLA, proposed); each has a volume-level and a
+slice-level block. The columns are the paper's (Table 2 has no REC, which equals SEN) plus the
+ROC AUC. Without slice attention (N-SLA) the attention is uniform, so no slice is singled out:
+its slice-level row reads ``NA`` as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ABLATION_COLUMNS",
+    "ENHANCEMENT_COLUMNS",
+    "LEVELS",
+    "RunResult",
+    "format_value",
+    "metrics_table",
+    "render_results",
+    "timing_table",
+]
+
+LEVELS = ("volume", "slice")
+"""Evaluation levels, in the paper's order."""
+ENHANCEMENT_COLUMNS = ("acc", "pre", "rec", "f1", "sen", "spe", "auc")
+"""Columns of Table 1 (the paper's, plus the ROC AUC)."""
+ABLATION_COLUMNS = ("acc", "pre", "f1", "sen", "spe", "auc")
+"""Columns of Table 2 (the paper's, plus the ROC AUC)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The test metrics and timings of one training-and-evaluation run.
+
+    Attributes:
+        name: the run's identifier (``proposed``, ``n_sca``, ...).
+        label: its row label in the tables (``Orig.``, ``N-SCA``, ...).
+        metrics: ``{"volume": {...}, "slice": {...}}`` as the bundle's ``metrics.json`` holds them.
+        train_seconds: wall-clock time of training (validation each epoch included).
+        eval_seconds: wall-clock time of the test-split evaluation.
+        slice_level: whether the run singles out slices (``False`` without slice attention).
+        settings: the bundle overrides that distinguish the run.
+    """
+
+    name: str
+    label: str
+    metrics: Mapping[str, Mapping[str, Any]]
+    train_seconds: float
+    eval_seconds: float
+    slice_level: bool = True
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+def format_value(value: Any, digits: int = 3) -> str:
+    """A metric as table text: ``digits`` decimals, ``n/a`` when undefined (``None`` or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{float(value):.{digits}f}"
+
+
+def metrics_table(rows: Sequence[RunResult], columns: Sequence[str]) -> str:
+    """One markdown table: a volume-level block, then a slice-level block, one row per run.
+
+    Args:
+        rows: the runs, in table order.
+        columns: metric keys shown (``acc``, ``pre``, ...), upper-cased as headers.
+
+    Returns:
+        The table, ending in a newline.
+    """
+    header = ["Level", "Setting", *(c.upper() for c in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for level in LEVELS:
+        for position, run in enumerate(rows):
+            level_text = f"{level.capitalize()} level" if position == 0 else ""
+            if level == "slice" and not run.slice_level:
+                values = ["NA"] * len(columns)
+            else:
+                measured = run.metrics.get(level, {})
+                values = [format_value(measured.get(column)) for column in columns]
+            lines.append("| " + " | ".join([level_text, run.label, *values]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def timing_table(rows: Sequence[RunResult]) -> str:
+    """Markdown table of each run's settings, training and evaluation times, and test counts."""
+    header = ["Run", "Setting", "Bundle overrides", "Training (s)", "Test evaluation (s)", "Test volumes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in rows:
+        overrides = ", ".join(f"`{key}={value}`" for key, value in run.settings.items()) or "defaults"
+        count = run.metrics.get("volume", {}).get("count", "?")
+        lines.append(
+            f"| {run.name} | {run.label} | {overrides} | {run.train_seconds:.0f} | "
+            f"{run.eval_seconds:.0f} | {count} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_results(
+    title: str,
+    summary: Mapping[str, str],
+    enhancement_rows: Sequence[RunResult],
+    ablation_rows: Sequence[RunResult],
+    notes: Sequence[str] = (),
+) -> str:
+    """The whole ``results.md``: summary, Table 1, Table 2, run times, notes.
+
+    Args:
+        title: the first heading.
+        summary: ``label -> text`` lines (command, seed, machine, data, budget).
+        enhancement_rows: Table 1's runs (original, stochastic enhancement, tone mapping).
+        ablation_rows: Table 2's runs (N-SCA, N-MSCA, N-SLA, proposed).
+        notes: more markdown paragraphs at the end.
+
+    Returns:
+        Markdown text.
+    """
+    parts = [f"# {title}\n"]
+    parts.append("\n".join(f"- **{label}**: {text}" for label, text in summary.items()) + "\n")
+    parts.append("## Table 1: detection results of the enhancement settings (test split)\n")
+    parts.append(metrics_table(enhancement_rows, ENHANCEMENT_COLUMNS))
+    parts.append("## Table 2: ablation study (test split)\n")
+    parts.append(
+        "N-SCA: without spatial and channel attention (CBAM); N-MSCA: without the lung mask and "
+        "without CBAM; N-SLA: without slice attention (mean over slices).\n"
+    )
+    parts.append(metrics_table(ablation_rows, ABLATION_COLUMNS))
+    parts.append("## Runs\n")
+    parts.append(timing_table(_unique(list(enhancement_rows) + list(ablation_rows))))
+    parts.extend(f"{note.rstrip()}\n" for note in notes)
+    return "\n".join(parts)
+
+
+def _unique(rows: Sequence[RunResult]) -> list[RunResult]:
+    seen: set[str] = set()
+    unique = []
+    for run in rows:
+        if run.name not in seen:
+            seen.add(run.name)
+            unique.append(run)
+    return unique
