@@ -174,9 +174,10 @@ def test_batch_inference_refuses_a_hostile_checkpoint(
         _run(workflow)
 
     error = _root_cause(caught.value)
-    assert isinstance(error, pickle.UnpicklingError), repr(caught.value)
-    assert "Unsupported global: GLOBAL" in str(error) and "exec" in str(error)
+    assert isinstance(error, UnsafeCheckpointError), repr(caught.value)
+    assert "hostile.pt: refused" in str(error)
     assert not marker.exists()
+    assert not (tmp_path / "out" / "predictions.csv").exists()
 
 
 CODE_LIKE = "$__import__('pathlib').Path('code_ran.txt').touch()"
