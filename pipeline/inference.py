@@ -6,8 +6,7 @@ small marker ``{"image", "case_id", "error"}`` instead. :class:`FailSafeEvaluato
 ``SupervisedEvaluator`` that hands such a marker straight to its handlers as the iteration
 output, without running the network, so a handler like
 :class:`~pipeline.attention_export.SliceAttentionSaver` records it in ``errors.csv`` and the
-run goes on with the next case. :class:`SeriesLoadImaged` reads the one DICOM series a case
-names in a folder that holds several.
+run goes on with the next case.
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from monai.data import Dataset
-from monai.data.image_reader import ITKReader
 from monai.engines import SupervisedEvaluator
-from monai.transforms import LoadImaged, MapTransform
+
+from pipeline.preprocessing_transforms import SeriesLoadImaged
 
 __all__ = [
     "ERROR_KEY",
@@ -121,38 +120,6 @@ class FailSafeEvaluator(SupervisedEvaluator):
         if is_failed(batchdata):
             return batchdata
         return super()._iteration(engine, batchdata)
-
-
-class SeriesLoadImaged(MapTransform):
-    """Load an item with a ``LoadImaged``, reading the DICOM series the item names under ``series_key``.
-
-    A folder holding several DICOM series gives one case per series (see
-    :func:`pipeline.cases.discover_cases`); such a case carries the series identifier, and
-    this transform has ``loader`` read it with ``ITKReader(series_name=...)``. Items without
-    the key load exactly as ``loader`` loads them.
-
-    Args:
-        loader: the ``LoadImaged`` of the preprocessing chain.
-        series_key: key of the series identifier in the item.
-        reader_kwargs: more arguments of the per-series ``ITKReader``.
-    """
-
-    def __init__(
-        self,
-        loader: LoadImaged,
-        series_key: str = "series_uid",
-        reader_kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(loader.keys, loader.allow_missing_keys)
-        self.loader = loader
-        self.series_key = series_key
-        self.reader_kwargs = dict(reader_kwargs or {})
-
-    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        series = data.get(self.series_key)
-        if not series:
-            return self.loader(data)
-        return self.loader(data, reader=ITKReader(series_name=str(series), **self.reader_kwargs))
 
 
 def output_dir_checked(output_dir: str | os.PathLike) -> str:

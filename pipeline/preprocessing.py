@@ -48,11 +48,11 @@ from monai.transforms import (
     Transposed,
 )
 
-from pipeline.inference import SeriesLoadImaged
 from pipeline.preprocessing_transforms import (
     ApplyToClassd,
     CacheableMetad,
     OriginalSliceIndicesd,
+    SeriesLoadImaged,
     ValidateVolumed,
 )
 from transforms import LungMaskd, RandSliceSampled, StochasticEnhanced, ToneMapd

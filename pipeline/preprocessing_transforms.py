@@ -9,6 +9,7 @@
 - :class:`CacheableMeta` / :class:`CacheableMetad`: meta data that ``torch.load(weights_only=True)``
   accepts, so ``PersistentDataset`` can cache MetaTensors (numpy arrays in the meta data and
   the applied-operations trace are otherwise refused on loading and the cache never hits).
+- :class:`SeriesLoadImaged`: load the one DICOM series an item names in a folder holding several.
 - :class:`ApplyToClassd`: apply random transforms only to items of some classes (the
   positive-only augmentation).
 """
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import Compose, MapTransform, Randomizable, Transform
+from monai.data.image_reader import ITKReader
+from monai.transforms import Compose, LoadImaged, MapTransform, Randomizable, Transform
 from monai.utils import TransformBackends, convert_to_tensor
 
 from pipeline.datalist import check_image_file
@@ -34,6 +36,7 @@ __all__ = [
     "CacheableMetad",
     "OriginalSliceIndices",
     "OriginalSliceIndicesd",
+    "SeriesLoadImaged",
     "ValidateVolume",
     "ValidateVolumed",
 ]
@@ -266,3 +269,35 @@ class ApplyToClassd(Randomizable, Transform):
 
 
 ApplyToClassD = ApplyToClassDict = ApplyToClassd
+
+
+class SeriesLoadImaged(MapTransform):
+    """Load an item with a ``LoadImaged``, reading the DICOM series the item names under ``series_key``.
+
+    A folder holding several DICOM series gives one case per series (see
+    :func:`pipeline.cases.discover_cases`); such a case carries the series identifier, and
+    this transform has ``loader`` read it with ``ITKReader(series_name=...)``. Items without
+    the key load exactly as ``loader`` loads them.
+
+    Args:
+        loader: the ``LoadImaged`` of the preprocessing chain.
+        series_key: key of the series identifier in the item.
+        reader_kwargs: more arguments of the per-series ``ITKReader``.
+    """
+
+    def __init__(
+        self,
+        loader: LoadImaged,
+        series_key: str = "series_uid",
+        reader_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(loader.keys, loader.allow_missing_keys)
+        self.loader = loader
+        self.series_key = series_key
+        self.reader_kwargs = dict(reader_kwargs or {})
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        series = data.get(self.series_key)
+        if not series:
+            return self.loader(data)
+        return self.loader(data, reader=ITKReader(series_name=str(series), **self.reader_kwargs))
