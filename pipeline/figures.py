@@ -214,7 +214,7 @@ def plot_roc(
     for name, (labels, scores) in curves.items():
         fpr, tpr, area = roc_curve(labels, scores)
         areas[name] = float(area)
-        axis.step(fpr, tpr, where="post", lw=2, label=f"{name} (AUC {area:.3f}, n = {len(labels)})")
+        axis.plot(fpr, tpr, lw=2, label=f"{name} (AUC {area:.3f}, n = {len(labels)})")
     axis.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="chance")
     axis.set_xlim(-0.01, 1.01)
     axis.set_ylim(-0.01, 1.01)
@@ -293,7 +293,9 @@ def plot_training_curves(
         path: the PNG file to write.
         source: a TensorBoard log folder, a metrics log (see :func:`read_scalar_log`), or the
             series themselves (tag -> (steps, values)).
-        tags: the series to draw, in order (default: all of them, sorted).
+        tags: the series to draw, in order (default: all of them, sorted); series without a
+            finite value are left out. Series whose tag starts with ``train`` are drawn over
+            iterations, the others over epochs (the bundle logs validation once an epoch).
         title: the figure title.
 
     Returns:
@@ -308,7 +310,11 @@ def plot_training_curves(
         series = read_tensorboard_scalars(source)
     else:
         series = read_scalar_log(source)
-    chosen = [tag for tag in (tags or sorted(series)) if tag in series and series[tag][0]]
+    chosen = [
+        tag
+        for tag in (tags or sorted(series))
+        if tag in series and np.isfinite(np.asarray(series[tag][1], dtype=float)).any()
+    ]
     if not chosen:
         raise ValueError(
             f"{source if not isinstance(source, Mapping) else 'series'}: no scalar series to plot"
@@ -324,11 +330,11 @@ def plot_training_curves(
         else:
             axis.plot(steps, values, color=CURVE_COLOUR, marker="o", markersize=3, lw=1.8)
         axis.set_title(tag, fontsize=10)
-        axis.set_xlabel("iteration" if steps.size > 40 else "step")
+        axis.set_xlabel("iteration" if tag.startswith("train") else "epoch")
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(chosen) :]:
         axis.axis("off")
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
     save_figure(figure, path)
     return chosen

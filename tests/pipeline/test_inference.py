@@ -24,10 +24,10 @@ from monai.transforms import Compose, LoadImaged
 from pipeline.inference import (
     ERROR_KEY,
     FailSafeDataset,
-    SeriesLoadImaged,
     describe_failure,
     is_failed,
 )
+from pipeline.preprocessing_transforms import SeriesLoadImaged
 from tests.conftest import BUNDLE_DIR, REPO_ROOT
 from tests.pipeline.test_cases import write_dicom_series
 from transforms.validation import InvalidVolumeError
