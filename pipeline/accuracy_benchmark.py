@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from pipeline.attention_export import atomic_write_text
+from pipeline.checkpoint_io import atomic_write_text
 from pipeline.demo import BUNDLE_DIR, DEFAULT_BASE_CT, DemoSettings, make_demo_datalist, run_bundle
 from pipeline.results_tables import RunResult, render_results
 

@@ -21,7 +21,6 @@ import csv
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from monai.data import decollate_batch
 from monai.utils import min_version, optional_import
 
 from pipeline.cases import safe_case_id, unique_case_ids
+from pipeline.checkpoint_io import atomic_write_text
 from pipeline.inference import ERROR_KEY
 from pipeline.metrics import slice_predictions
 
@@ -45,7 +45,6 @@ __all__ = [
     "ERRORS_FILE",
     "PREDICTIONS_FILE",
     "SliceAttentionSaver",
-    "atomic_write_text",
     "top_slices",
     "write_csv",
 ]
@@ -56,20 +55,6 @@ ATTENTION_CSV = "slice_attention.csv"
 ATTENTION_PNG = "slice_attention.png"
 PREDICTION_COLUMNS = ("case_id", "image", "prob_covid", "pred", "n_slices", "top_slices")
 ERROR_COLUMNS = ("image", "error")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

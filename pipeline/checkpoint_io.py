@@ -25,7 +25,9 @@ import torch
 __all__ = [
     "UnsafeCheckpointError",
     "atomic_torch_save",
+    "atomic_write_bytes",
     "atomic_write_json",
+    "atomic_write_text",
     "load_checkpoint",
     "non_finite_entries",
 ]
@@ -62,6 +64,16 @@ def _umask() -> int:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` atomically: readers see the old file or the complete new one."""
     return _atomic_write(path, lambda stream: torch.save(obj, stream))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: readers see the old file or the complete new one."""
+    return _atomic_write(path, lambda stream: stream.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` as UTF-8, atomically (whatever the locale's encoding)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:

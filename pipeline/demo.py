@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.attention_export import ERRORS_FILE, PREDICTIONS_FILE, atomic_write_text
+from pipeline.attention_export import ERRORS_FILE, PREDICTIONS_FILE
+from pipeline.checkpoint_io import atomic_write_text
 from pipeline.figures import plot_roc, plot_training_curves
 from pipeline.report import AttentionExample, Report
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 from monai.transforms import LoadImage, Orientation
 from scipy import ndimage
 
+from pipeline.checkpoint_io import atomic_write_bytes
 from pipeline.lesions import LesionSettings, insert_lesions, slice_labels
 from pipeline.phantom import PHANTOM_Z_FOV_MM, add_scanner_noise, make_chest_phantom, phantom_spacing
 from transforms.lung_mask import segment_lungs
@@ -353,21 +353,6 @@ def make_base_volume(
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as tmp:
-        temporary = Path(tmp.name)
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def write_nifti(path: str | os.PathLike, hu: np.ndarray, affine: np.ndarray) -> Path:
     """Write an int16 HU volume as ``.nii.gz``, atomically and byte-for-byte reproducibly.
 
@@ -390,7 +375,7 @@ def write_nifti(path: str | os.PathLike, hu: np.ndarray, affine: np.ndarray) -> 
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    _write_atomic(path, gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
+    atomic_write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
     return path
 
 
@@ -507,9 +492,9 @@ def make_demo_data(
         for split, by_label in splits.items()
     }
     datalist_path = out_dir / DATALIST_NAME
-    _write_atomic(datalist_path, _datalist_json(datalist).encode())
+    atomic_write_bytes(datalist_path, _datalist_json(datalist).encode())
     readme = _readme(datalist, size, slices, seed, base, lesion_settings or LesionSettings())
-    _write_atomic(out_dir / "README.txt", readme.encode())
+    atomic_write_bytes(out_dir / "README.txt", readme.encode())
     return datalist_path
 
 

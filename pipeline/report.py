@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.attention_export import atomic_write_text
+from pipeline.checkpoint_io import atomic_write_text
 
 __all__ = ["METRIC_NAMES", "AttentionExample", "Report", "markdown_table", "metrics_table"]
 

@@ -13,7 +13,8 @@ import torch
 from ignite.engine import Engine
 from monai.data import MetaTensor, list_data_collate
 
-from pipeline.attention_export import SliceAttentionSaver, atomic_write_text, top_slices, write_csv
+from pipeline.attention_export import SliceAttentionSaver, top_slices, write_csv
+from pipeline.checkpoint_io import atomic_write_text
 from pipeline.figures import plot_roc, plot_slice_attention, plot_training_curves, read_scalar_log, roc_curve
 from pipeline.inference import ERROR_KEY
 
