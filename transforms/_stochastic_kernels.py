@@ -49,13 +49,16 @@ against it.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import njit, prange
 
 __all__ = [
     "SECTORS",
+    "enhance",
     "enhance_layers",
+    "enhance_layers_serial",
     "exp_neg",
     "pixel_key",
     "pixel_layers_sequential",
@@ -688,6 +691,37 @@ def _scratch(points):
 # ----------------------------------------------------------------------------- entry points
 
 
+@njit(cache=True)
+def _enhance_line(flat_img, flat_grad, mask, base, stoch, s, row, width, height, key, slice_offset, params):
+    """``B`` and ``S`` of one row of slice ``s`` (the unit of work of the entry points)."""
+    chains, points, r1, r2, alpha, beta = params
+    scratch = _scratch(points)
+    for col in range(width):
+        if mask[s, row, col] == 0:
+            base[s, row, col] = flat_img[s, row * width + col]
+            stoch[s, row, col] = flat_img[s, row * width + col]
+            continue
+        pkey = pixel_key(key, s + slice_offset, row, col)
+        b, st = pixel_layers(
+            flat_img[s],
+            flat_grad[s],
+            height,
+            width,
+            row,
+            col,
+            pkey,
+            chains,
+            points,
+            r1,
+            r2,
+            alpha,
+            beta,
+            scratch,
+        )
+        base[s, row, col] = b
+        stoch[s, row, col] = st
+
+
 @njit(parallel=True, cache=True)
 def enhance_layers(img, grad, mask, key, slice_offset, chains, points, r1, r2, alpha, beta):
     """``B`` and ``S`` of a stack of slices, in parallel over all rows of all slices.
@@ -709,35 +743,73 @@ def enhance_layers(img, grad, mask, key, slice_offset, chains, points, r1, r2, a
     flat_grad = grad.reshape(n_slices, height * width)
     base = np.empty_like(img)
     stoch = np.empty_like(img)
+    params = (chains, points, r1, r2, alpha, beta)
     for line in prange(n_slices * height):
         s = line // height
-        row = line - s * height
-        scratch = _scratch(points)
-        for col in range(width):
-            if mask[s, row, col] == 0:
-                base[s, row, col] = img[s, row, col]
-                stoch[s, row, col] = img[s, row, col]
-                continue
-            pkey = pixel_key(key, s + slice_offset, row, col)
-            b, st = pixel_layers(
-                flat_img[s],
-                flat_grad[s],
-                height,
-                width,
-                row,
-                col,
-                pkey,
-                chains,
-                points,
-                r1,
-                r2,
-                alpha,
-                beta,
-                scratch,
-            )
-            base[s, row, col] = b
-            stoch[s, row, col] = st
+        _enhance_line(
+            flat_img,
+            flat_grad,
+            mask,
+            base,
+            stoch,
+            s,
+            line - s * height,
+            width,
+            height,
+            key,
+            slice_offset,
+            params,
+        )
     return base, stoch
+
+
+@njit(cache=True)
+def enhance_layers_serial(img, grad, mask, key, slice_offset, chains, points, r1, r2, alpha, beta):
+    """:func:`enhance_layers` on the calling thread alone: the same output, no thread pool.
+
+    For processes forked after the parallel kernel ran (data loader workers): the OpenMP
+    runtime behind numba's threads does not survive a fork.
+    """
+    n_slices, height, width = img.shape
+    flat_img = img.reshape(n_slices, height * width)
+    flat_grad = grad.reshape(n_slices, height * width)
+    base = np.empty_like(img)
+    stoch = np.empty_like(img)
+    params = (chains, points, r1, r2, alpha, beta)
+    for line in range(n_slices * height):
+        s = line // height
+        _enhance_line(
+            flat_img,
+            flat_grad,
+            mask,
+            base,
+            stoch,
+            s,
+            line - s * height,
+            width,
+            height,
+            key,
+            slice_offset,
+            params,
+        )
+    return base, stoch
+
+
+_PARALLEL_PID: list[int] = []
+"""The process whose numba thread pool the parallel kernel started (at most one entry)."""
+
+
+def enhance(img, grad, mask, key, slice_offset, chains, points, r1, r2, alpha, beta):
+    """:func:`enhance_layers`, or :func:`enhance_layers_serial` in a process forked after it ran.
+
+    Same arguments and result as :func:`enhance_layers`.
+    """
+    args = (img, grad, mask, key, slice_offset, chains, points, r1, r2, alpha, beta)
+    if not _PARALLEL_PID:
+        _PARALLEL_PID.append(os.getpid())
+    if _PARALLEL_PID[0] != os.getpid():
+        return enhance_layers_serial(*args)
+    return enhance_layers(*args)
 
 
 @njit(cache=True, fastmath=_FAST)

@@ -230,7 +230,7 @@ class StochasticEnhance(Transform):
             from transforms import _stochastic_cuda  # imported here: CPU-only machines never touch CUDA
 
             return _stochastic_cuda.enhance_layers(*args)
-        return kernels.enhance_layers(*args)
+        return kernels.enhance(*args)
 
     @staticmethod
     def _check_unit_range(data: np.ndarray, name: str) -> None:

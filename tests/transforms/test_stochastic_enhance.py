@@ -239,6 +239,36 @@ def test_one_and_two_threads_give_identical_output():
     np.testing.assert_array_equal(single, double)
 
 
+def test_serial_kernel_gives_the_parallel_output():
+    stack = np.ascontiguousarray(np.stack([phantom(seed=0), phantom(seed=1)]))
+    args = (stack, sobel_magnitude(stack), np.ones(stack.shape, np.uint8), kernels.seed_key(3), 0)
+    args += (SMALL["chains"], SMALL["points"], 10.0, 40.0, 10.0, 10.0)
+    for parallel, serial in zip(kernels.enhance_layers(*args), kernels.enhance_layers_serial(*args)):
+        np.testing.assert_array_equal(parallel, serial)
+
+
+FORKED_WORKERS = """
+import numpy as np, torch
+from monai.data import DataLoader, Dataset
+from transforms import StochasticEnhanced
+enhance = StochasticEnhanced(keys="image", chains=4, points=40)
+items = [{"image": np.random.default_rng(i).random((1, 24, 24, 2), dtype=np.float32)} for i in range(4)]
+expected = [enhance(dict(item))["image"] for item in items]  # the parent starts numba's threads
+loaded = [batch["image"][0] for batch in DataLoader(Dataset(items, enhance), num_workers=2)]
+assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(expected, loaded))
+print("identical")
+"""
+
+
+def test_data_loader_workers_forked_after_the_parent_enhanced_give_the_same_output():
+    # numba's OpenMP thread pool does not survive fork(): forked workers use the serial kernel.
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED_WORKERS], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "identical" in result.stdout
+
+
 def test_paper_preset_sets_alpha_and_beta():
     enhancer = StochasticEnhance(preset="paper", alpha=3.0)
     assert (enhancer.alpha, enhancer.beta) == (0.5, 0.3)
