@@ -155,6 +155,14 @@ def test_lesions_look_covid_like(positive_and_twin):
     assert positive.lesions.sum(axis=(0, 1)).max() >= 20
 
 
+def test_positive_volumes_show_moderate_multifocal_disease():
+    for index in range(3):
+        positive = make_phantom_volume(1, index, size=64, slices=16, seed=2)
+        involved = positive.lesions.sum() / positive.lungs.sum()
+        assert 0.05 <= involved <= 0.5, f"volume {index}: {involved:.1%} of the lung"
+        assert ndimage.label(positive.lesions)[1] >= 2, "several lesions"
+
+
 def test_negatives_have_no_lesions():
     negative = make_phantom_volume(0, 3, size=64, slices=16, seed=1)
     assert negative.label == 0 and not negative.lesions.any() and not any(negative.slice_labels)
