@@ -388,6 +388,7 @@ def write_demo_report(
         predictions=[{**row, "image": _relative(row["image"], out_dir)} for row in predictions],
         errors=errors,
         notes=[
+            *_reading(volume.get("auc")),
             "## Files",
             "- `data/`: the demo volumes and `datalist.json`\n"
             "- `models/model.pt`: the best network by validation ROC AUC\n"
@@ -397,6 +398,25 @@ def write_demo_report(
         ],
     )
     return report.write(out_dir / "report.md")
+
+
+CHANCE_AUC_BELOW = 0.7
+"""A test ROC AUC below this is read as training not having learned the task."""
+
+
+def _reading(auc: float | None) -> list[str]:
+    """A paragraph for the report when the test AUC says the network has not learned the task."""
+    if auc is None or not auc < CHANCE_AUC_BELOW:
+        return []
+    return [
+        "## Reading",
+        f"The test ROC AUC of {auc:.3f} is near chance: the network has not learned the task. "
+        "ResNext+ trains here from random weights (no ImageNet weights can be fetched), and at "
+        "this CPU budget it does not learn it, while a 3-layer CNN does within a minute "
+        "(`python benchmarks/bench_learnability.py`, see `docs/results.md`). Give the bundle an "
+        "ImageNet file (`pretrained`) or a GPU budget for a network that finds the lesions; "
+        "the outputs above show the whole job either way.",
+    ]
 
 
 def run_demo(

@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 
 from pipeline.cli import main
-from pipeline.demo import QUICK, make_demo_datalist
+from pipeline.demo import QUICK, _reading, make_demo_datalist
 
 METRICS = ("acc", "pre", "rec", "f1", "sen", "spe", "auc")
 
@@ -87,3 +87,10 @@ def test_demo_without_the_real_ct_uses_phantoms_only(tmp_path: Path) -> None:
         for items in json.loads(path.read_text()).values()
         for item in items
     )
+
+
+def test_report_reads_a_chance_level_auc_as_not_learned() -> None:
+    assert _reading(None) == [] and _reading(0.95) == []
+    heading, paragraph = _reading(0.52)
+    assert heading == "## Reading" and "0.520 is near chance" in paragraph
+    assert "bench_learnability.py" in paragraph
