@@ -692,9 +692,13 @@ def _scratch(points):
 
 
 @njit(cache=True)
-def _enhance_line(flat_img, flat_grad, mask, base, stoch, s, row, width, height, key, slice_offset, params):
-    """``B`` and ``S`` of one row of slice ``s`` (the unit of work of the entry points)."""
+def _enhance_line(flat_img, flat_grad, mask, base, stoch, line, key, slice_offset, params):
+    """``B`` and ``S`` of row ``line`` of the stack's rows, slice after slice (the unit of work of
+    the entry points)."""
     chains, points, r1, r2, alpha, beta = params
+    height, width = base.shape[1], base.shape[2]
+    s = line // height
+    row = line - s * height
     scratch = _scratch(points)
     for col in range(width):
         if mask[s, row, col] == 0:
@@ -722,6 +726,14 @@ def _enhance_line(flat_img, flat_grad, mask, base, stoch, s, row, width, height,
         stoch[s, row, col] = st
 
 
+@njit(cache=True)
+def _line_buffers(img, grad):
+    """Image and gradient flattened per slice, and the ``B`` and ``S`` arrays to fill."""
+    n_slices, height, width = img.shape
+    flat = (n_slices, height * width)
+    return img.reshape(flat), grad.reshape(flat), np.empty_like(img), np.empty_like(img)
+
+
 @njit(parallel=True, cache=True)
 def enhance_layers(img, grad, mask, key, slice_offset, chains, points, r1, r2, alpha, beta):
     """``B`` and ``S`` of a stack of slices, in parallel over all rows of all slices.
@@ -738,28 +750,11 @@ def enhance_layers(img, grad, mask, key, slice_offset, chains, points, r1, r2, a
     Returns:
         ``(B, S)``: float32 arrays of the input's shape.
     """
-    n_slices, height, width = img.shape
-    flat_img = img.reshape(n_slices, height * width)
-    flat_grad = grad.reshape(n_slices, height * width)
-    base = np.empty_like(img)
-    stoch = np.empty_like(img)
+    n_slices, height = img.shape[0], img.shape[1]
+    flat_img, flat_grad, base, stoch = _line_buffers(img, grad)
     params = (chains, points, r1, r2, alpha, beta)
     for line in prange(n_slices * height):
-        s = line // height
-        _enhance_line(
-            flat_img,
-            flat_grad,
-            mask,
-            base,
-            stoch,
-            s,
-            line - s * height,
-            width,
-            height,
-            key,
-            slice_offset,
-            params,
-        )
+        _enhance_line(flat_img, flat_grad, mask, base, stoch, line, key, slice_offset, params)
     return base, stoch
 
 
@@ -770,28 +765,11 @@ def enhance_layers_serial(img, grad, mask, key, slice_offset, chains, points, r1
     For processes forked after the parallel kernel ran (data loader workers): the OpenMP
     runtime behind numba's threads does not survive a fork.
     """
-    n_slices, height, width = img.shape
-    flat_img = img.reshape(n_slices, height * width)
-    flat_grad = grad.reshape(n_slices, height * width)
-    base = np.empty_like(img)
-    stoch = np.empty_like(img)
+    n_slices, height = img.shape[0], img.shape[1]
+    flat_img, flat_grad, base, stoch = _line_buffers(img, grad)
     params = (chains, points, r1, r2, alpha, beta)
     for line in range(n_slices * height):
-        s = line // height
-        _enhance_line(
-            flat_img,
-            flat_grad,
-            mask,
-            base,
-            stoch,
-            s,
-            line - s * height,
-            width,
-            height,
-            key,
-            slice_offset,
-            params,
-        )
+        _enhance_line(flat_img, flat_grad, mask, base, stoch, line, key, slice_offset, params)
     return base, stoch
 
 
