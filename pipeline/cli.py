@@ -32,7 +32,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     settings = with_overrides(QUICK if args.quick else DEFAULT, seed=args.seed)
     command = "python -m pipeline demo" + (" --quick" if args.quick else "")
-    base_ct = None if args.phantoms_only else args.base_ct
+    base_ct = _base_ct(args)
     result = run_demo(args.out, settings, base_ct=base_ct, progress=not args.no_progress, command=command)
     print(summary_line(result))
     return 0
@@ -46,7 +46,7 @@ def _benchmark_accuracy(args: argparse.Namespace) -> int:
     command += f" --runs {','.join(args.runs)}" if args.runs else ""
     threads = os.environ.get("OMP_NUM_THREADS")
     command = f"OMP_NUM_THREADS={threads} {command}" if threads else command
-    base_ct = None if args.phantoms_only else args.base_ct
+    base_ct = _base_ct(args)
 
     def announce(name: str, result: object) -> None:
         if result is None:
@@ -68,6 +68,22 @@ def _benchmark_accuracy(args: argparse.Namespace) -> int:
     )
     print(f"{len(result.runs)} runs in {result.total_seconds / 60:.1f} min; tables: {result.results_md}")
     return 0
+
+
+def _add_base_ct_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--base-ct`` and ``--phantoms-only``: where the demo volumes' real CT comes from."""
+    parser.add_argument(
+        "--base-ct",
+        type=Path,
+        default=DEFAULT_BASE_CT,
+        help="real CT (NIfTI file or DICOM folder, in HU) to insert lesions into; phantoms only when absent",
+    )
+    parser.add_argument("--phantoms-only", action="store_true", help="do not use the real CT")
+
+
+def _base_ct(args: argparse.Namespace) -> Path | None:
+    """The real CT chosen by :func:`_add_base_ct_arguments`' options (``None``: phantoms only)."""
+    return None if args.phantoms_only else args.base_ct
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,13 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="a one- to two-minute smoke run on tiny data")
     demo.add_argument("--seed", type=int, default=None, help="seed of the data and of training (default: 0)")
-    demo.add_argument(
-        "--base-ct",
-        type=Path,
-        default=DEFAULT_BASE_CT,
-        help="real CT (NIfTI file or DICOM folder, in HU) to insert lesions into; phantoms only when absent",
-    )
-    demo.add_argument("--phantoms-only", action="store_true", help="do not use the real CT")
+    _add_base_ct_arguments(demo)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
@@ -120,13 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: cpu)",
     )
     accuracy.add_argument("--seed", type=int, default=0, help="seed of the data, split and runs (default: 0)")
-    accuracy.add_argument(
-        "--base-ct",
-        type=Path,
-        default=DEFAULT_BASE_CT,
-        help="real CT (NIfTI file or DICOM folder, in HU) to insert lesions into; phantoms only when absent",
-    )
-    accuracy.add_argument("--phantoms-only", action="store_true", help="do not use the real CT")
+    _add_base_ct_arguments(accuracy)
     accuracy.add_argument(
         "--runs",
         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
