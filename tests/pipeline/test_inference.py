@@ -18,9 +18,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
 from monai.transforms import Compose, LoadImaged
 
+from pipeline.demo import run_bundle
 from pipeline.inference import (
     ERROR_KEY,
     FailSafeDataset,
@@ -81,15 +81,7 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory, tiny_demo_dataset: Pa
 
 
 def _run_inference(overrides: Mapping[str, Any]) -> None:
-    workflow = ConfigWorkflow(
-        config_file=os.fspath(INFERENCE_JSON),
-        logging_file=False,
-        workflow_type=None,
-        **{**SMALL, **overrides},
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_bundle([INFERENCE_JSON], {**SMALL, **overrides})
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from monai.bundle import ConfigWorkflow
 
+from pipeline.demo import run_bundle
 from tests.conftest import BUNDLE_DIR, REPO_ROOT
 from tests.reliability.conftest import BAD_INPUTS, HANDLED_INPUTS, LONG_SLICES, SMALL_NETWORK
 
@@ -42,15 +43,7 @@ def _command(**overrides: Any) -> list[str]:
 
 def _infer(**overrides: Any) -> None:
     """Run ``inference.json`` in this process (the command line's workflow, without its start-up)."""
-    workflow = ConfigWorkflow(
-        config_file=os.fspath(INFERENCE),
-        logging_file=False,
-        workflow_type=None,
-        **{**SMALL, **SMALL_NETWORK, **overrides},
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_bundle([INFERENCE], {**SMALL, **SMALL_NETWORK, **overrides})
 
 
 @pytest.mark.slow
