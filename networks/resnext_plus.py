@@ -126,8 +126,10 @@ class ResNextPlus(nn.Module):
 
     Shape:
         ``x``: ``(B, C, H, W, S)``, channel 0 the CT slices windowed to [0, 1], channel 1 the
-        lung mask; ``S`` slices in axial order, any ``S >= 1``. Each volume's slices form
-        the CNN's batch. Returns logits ``(B, num_classes)``.
+        lung mask; ``S`` slices in axial order, any ``S >= 1``. The slices of all ``B``
+        volumes form the CNN's batch, so that in training batch-norm statistics span several
+        volumes when ``B > 1`` (one volume's slices alone would partly normalise away what sets
+        that volume apart from the others). Returns logits ``(B, num_classes)``.
     """
 
     def __init__(
@@ -191,21 +193,22 @@ class ResNextPlus(nn.Module):
         )
 
     def encode_slices(self, slices: Tensor) -> Tensor:
-        """CNN features of one volume's slices, chunk by chunk when ``slice_chunk`` is set.
+        """CNN features of a stack of slices, chunk by chunk when ``slice_chunk`` is set.
 
         Args:
-            slices: ``(S, C, H, W)``.
+            slices: ``(N, C, H, W)``.
 
         Returns:
-            ``(S, 2048)``.
+            ``(N, 2048)``.
         """
         chunk = self.slice_chunk
-        count = slices.shape[0]
         if chunk is None:
             return self.encoder(slices.contiguous())
         parts: list[Tensor] = []
-        for start in range(0, count, chunk):
-            part = slices[start : start + chunk].contiguous()
+        # split, not indexing: indexing a collated batch of MetaTensors along the batch
+        # dimension makes MONAI look for per-item meta data, which the slices do not have.
+        for part in slices.split(chunk):
+            part = part.contiguous()
             if self.checkpoint_slices and self.training and not torch.jit.is_scripting():
                 parts.append(self._encode_checkpointed(part))
             else:
@@ -230,8 +233,9 @@ class ResNextPlus(nn.Module):
                 f"expected {self.in_channels} input channels (CT, then lung mask when used), "
                 f"got input of shape {list(x.shape)}"
             )
-        volumes = [self.encode_slices(volume.permute(3, 0, 1, 2)) for volume in x.unbind(0)]
-        slice_features, _ = self.lstm(torch.stack(volumes, dim=0))
+        batch, channels, height, width, depth = x.shape
+        slices = x.permute(0, 4, 1, 2, 3).reshape(batch * depth, channels, height, width)
+        slice_features, _ = self.lstm(self.encode_slices(slices).reshape(batch, depth, -1))
         pooled, attention = self.slice_pooling(slice_features)
         return self.classifier(pooled), attention
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from monai.bundle import verify_net_in_out
+from monai.data import MetaTensor, list_data_collate
 from torch.nn.functional import cross_entropy
 
 from networks import Bottleneck, MeanSlicePooling, ResNextPlus, SliceAttention
@@ -76,12 +77,13 @@ def test_volumes_in_a_batch_do_not_interact(eval_model):
     torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-5)
 
 
-def test_each_volume_is_its_own_batch_norm_batch_in_training():
-    model = build().train()
+def test_batch_norm_statistics_span_the_volumes_of_a_batch_in_training_only():
+    model = build()
     x = torch.cat([volumes(1, 3, seed=1), volumes(1, 3, seed=2) * 0.3], dim=0)
     with torch.no_grad():
-        together = model(x)
-        alone = model(x[:1])
+        together, alone = model.train()(x), model(x[:1])
+        assert not torch.allclose(together[:1], alone, rtol=1e-3, atol=1e-4)
+        together, alone = model.eval()(x), model(x[:1])
     torch.testing.assert_close(together[:1], alone, rtol=1e-4, atol=1e-5)
 
 
@@ -152,6 +154,24 @@ def test_chunked_equals_unchunked_in_eval(eval_model):
         expected = eval_model.forward_with_attention(x)
         actual = chunked.forward_with_attention(x)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_forward_takes_a_collated_batch_of_meta_tensors(eval_model):
+    chunked = build(slice_chunk=3)
+    chunked.load_state_dict(eval_model.state_dict())
+    chunked.eval()
+    x = volumes(2, 7)
+    items = [
+        {"image": MetaTensor(volume, meta={"filename_or_obj": f"case{i}.nii"})} for i, volume in enumerate(x)
+    ]
+    batch = list_data_collate(items)["image"]
+    assert isinstance(batch, MetaTensor) and batch.is_batch
+    with torch.no_grad():
+        expected = eval_model.forward_with_attention(x)
+        actual = chunked.forward_with_attention(batch)
+    torch.testing.assert_close(
+        [t.as_subclass(torch.Tensor) for t in actual], list(expected), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_checkpointed_training_step_equals_plain():
