@@ -34,6 +34,7 @@ from monai.transforms import (
     DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
+    Lambdad,
     LoadImaged,
     Orientationd,
     Rand2DElasticd,
@@ -161,6 +162,10 @@ def deterministic_transforms(
     ]
 
 
+def _add_channel_axis(volume: Any) -> Any:
+    return volume[None]
+
+
 def positive_augmentation(
     prob: float = 0.5, image_key: str = "image", mask_key: str = "mask"
 ) -> list[Transform]:
@@ -179,7 +184,9 @@ def positive_augmentation(
     modes = ("bilinear", "nearest")
     return [
         Transposed(keys=both, indices=(3, 1, 2, 0)),  # (1, H, W, S) -> (S, H, W, 1)
-        SqueezeDimd(keys=both, dim=3),  # slices as channels: (S, H, W)
+        # update_meta=False keeps the volume's 3D affine, so that augmented and unaugmented
+        # volumes carry alike meta data and stack into one batch.
+        SqueezeDimd(keys=both, dim=3, update_meta=False),  # slices as channels: (S, H, W)
         RandAdjustContrastd(keys=image_key, prob=prob, gamma=(0.7, 1.5)),
         RandGaussianNoised(keys=image_key, prob=prob, std=0.02),
         RandGaussianSmoothd(keys=image_key, prob=prob, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0)),
@@ -195,7 +202,7 @@ def positive_augmentation(
             padding_mode="zeros",
         ),
         Transposed(keys=both, indices=(1, 2, 0)),  # (H, W, S)
-        EnsureChannelFirstd(keys=both, channel_dim="no_channel"),  # (1, H, W, S)
+        Lambdad(keys=both, func=_add_channel_axis),  # (1, H, W, S), meta data as they were
     ]
 
 

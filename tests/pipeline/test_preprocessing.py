@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor, PersistentDataset
+from monai.data import MetaTensor, PersistentDataset, list_data_collate
 from monai.transforms import Compose, ScaleIntensityRanged
 
 from pipeline.datalist import load_datalist
@@ -160,6 +160,16 @@ def test_training_samples_slices_and_augments_positives_only(preprocessed: dict[
         assert torch.equal(torch.as_tensor(out["slice_labels"]), data["slice_labels"][indices])
         unaugmented = data["image"][..., indices]
         assert torch.equal(out["image"][0], unaugmented[0]) == (label == 0)
+
+
+def test_augmented_positive_and_negative_volumes_stack_into_one_batch(preprocessed: dict[int, dict]) -> None:
+    items = [_train_chain(seed=3)(dict(data)) for data in preprocessed.values()]
+    assert all(item["image"].affine.shape == (4, 4) for item in items)  # the 3D affine is kept
+
+    batch = list_data_collate(items)
+
+    assert batch["image"].shape == (2, 2, 32, 32, 4)
+    assert batch["label"].tolist() == list(preprocessed)
 
 
 def test_augmentation_draws_once_for_all_slices() -> None:
