@@ -95,6 +95,14 @@ def test_one_epoch_writes_checkpoints_and_tensorboard_events(trained: Path) -> N
 
 
 @pytest.mark.slow
+def test_batch_size_stacks_volumes_into_fewer_steps(tiny_demo_dataset: Path, tmp_path: Path) -> None:
+    _train(tmp_path, tiny_demo_dataset, "--epochs", "1", "--batch_size", "2")
+    last = load_checkpoint(tmp_path / "models" / "checkpoint_last.pt")
+    assert last["trainer"]["iteration"] == 2  # 4 training volumes, 2 per step
+    assert _scalars(tmp_path / "eval")["train_loss"] == [1, 2]
+
+
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_epoch(
     trained: Path, tiny_demo_dataset: Path, tmp_path: Path
 ) -> None:
