@@ -93,4 +93,4 @@ def test_report_reads_a_chance_level_auc_as_not_learned() -> None:
     assert _reading(None) == [] and _reading(0.95) == []
     heading, paragraph = _reading(0.52)
     assert heading == "## Reading" and "0.520 is near chance" in paragraph
-    assert "bench_learnability.py" in paragraph
+    assert "docs/results.md" in paragraph and "pretrained" in paragraph
