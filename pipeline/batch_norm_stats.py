@@ -38,15 +38,14 @@ def recalibrate_batch_norm(network: nn.Module, inputs: Iterable[torch.Tensor]) -
     was_training = network.training
     network.train()
     layers = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    if not layers:
-        network.train(was_training)
-        return 0
     momenta = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None  # a cumulative average: every batch counts the same
     count = 0
     try:
+        if not layers:
+            return 0
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None  # a cumulative average: every batch counts the same
         with torch.no_grad():
             for batch in inputs:
                 network(batch)
