@@ -46,6 +46,7 @@ import torch
 from pipeline.checkpoint_io import atomic_write_text
 from pipeline.demo import (
     BUNDLE_DIR,
+    DEFAULT,
     DEFAULT_BASE_CT,
     DemoSettings,
     learning_rate_text,
@@ -115,6 +116,32 @@ class Budget:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
+    @classmethod
+    def from_demo_settings(cls, settings: DemoSettings, name: str, description: str) -> Budget:
+        """The demo's data and training recipe as a budget: the network input is the whole volume."""
+        return cls(
+            name=name,
+            real_positive=settings.real_positive,
+            real_negative=settings.real_negative,
+            phantom_positive=settings.phantom_positive,
+            phantom_negative=settings.phantom_negative,
+            size=settings.size,
+            slices=settings.slices,
+            resize_size=settings.size,
+            spatial_size=settings.size,
+            num_slices=settings.slices,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            val_fraction=settings.val_fraction,
+            test_fraction=settings.test_fraction,
+            lr_min=settings.lr_min,
+            lr_max=settings.lr_max,
+            lr_half_cycle_epochs=settings.lr_half_cycle_epochs,
+            num_workers=settings.num_workers,
+            overrides=dict(settings.overrides),
+            description=description,
+        )
+
     def demo_settings(self, seed: int) -> DemoSettings:
         """The data part of the budget, as :func:`pipeline.demo.make_demo_datalist` takes it."""
         return DemoSettings(
@@ -153,24 +180,9 @@ BUDGETS: dict[str, Budget] = {
         num_workers=0,
         description="end-to-end check of the study on 16 tiny volumes; the numbers mean nothing",
     ),
-    "cpu": Budget(
+    "cpu": Budget.from_demo_settings(
+        DEFAULT,
         name="cpu",
-        real_positive=200,
-        real_negative=200,
-        phantom_positive=200,
-        phantom_negative=200,
-        size=48,
-        slices=8,
-        resize_size=48,
-        spatial_size=48,
-        num_slices=8,
-        epochs=3,
-        batch_size=4,
-        val_fraction=0.05,
-        test_fraction=0.1,
-        lr_min=2e-4,
-        lr_max=2e-4,
-        overrides={"class_balance": False, "augment_positives": False},
         description="800 volumes of 48 x 48 x 8 (80 test), three epochs of four volumes per step, "
         "from scratch, the demo's recipe; sized for about an hour on a 2-core CPU",
     ),
