@@ -15,7 +15,7 @@ import math
 import types
 
 import numpy as np
-from numba import cuda, float64, uint64
+from numba import cuda, float64, uint32
 
 from transforms import _stochastic_kernels as kernels
 
@@ -85,7 +85,7 @@ def _enhance_kernel(
     row = p // width
     col = p - row * width
     reach = cuda.local.array(_SECTORS, float64)
-    thresholds = cuda.local.array(_SECTORS, uint64)
+    thresholds = cuda.local.array(_SECTORS, uint32)
     pkey = _pixel_key(key, s + slice_offset, row, col)
     b, st = _pixel_layers(
         img[s], grad[s], height, width, row, col, pkey, chains, points, r1, r2, alpha, beta, reach, thresholds
