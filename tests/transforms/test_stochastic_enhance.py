@@ -4,8 +4,10 @@ reference), properties of the layers, and MONAI behaviour (types, meta data, dic
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -28,6 +30,7 @@ from transforms import (
 from transforms import _stochastic_kernels as kernels
 from transforms.stochastic_enhance import sobel_magnitude
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"chains": 6, "points": 60}
 """Few samples: fast, and enough to test behaviour on tiny images."""
 
@@ -438,6 +441,32 @@ def test_importing_and_cpu_use_never_load_cuda():
 
 
 # ----------------------------------------------------------------------------- CUDA
+
+_SIMULATED_CUDA_VS_CPU = """
+import numpy as np
+from numba import config
+from tests.transforms.test_stochastic_enhance import phantom
+from transforms import _stochastic_cuda, _stochastic_kernels as kernels
+from transforms.stochastic_enhance import sobel_magnitude
+assert config.ENABLE_CUDASIM
+img = np.ascontiguousarray(np.stack([phantom(14, seed=1), phantom(14, seed=2)[:, ::-1]]))
+mask = np.ones(img.shape, np.uint8)
+mask[1, :4, :5] = 0
+args = (img, sobel_magnitude(img), mask, kernels.seed_key(4), 3, 3, 30, 3.5, 19.8, 0.5, 0.3)
+for ours, theirs in zip(kernels.enhance_layers(*args), _stochastic_cuda.enhance_layers(*args)):
+    np.testing.assert_allclose(ours, theirs, atol=2e-6)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and MONAI: about 10 s
+def test_cuda_kernel_gives_the_cpu_layers_in_the_cuda_simulator():
+    """The CUDA module's logic (device functions rebuilt from the CPU kernels' source, one thread
+    per pixel, masked pixels, slice offsets) run by numba's CUDA simulator gives the CPU kernel's
+    layers, interior (table) walks included. The compiled GPU code needs a GPU: see below."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    subprocess.run(
+        [sys.executable, "-c", _SIMULATED_CUDA_VS_CPU], check=True, timeout=300, env=env, cwd=REPO_ROOT
+    )
 
 
 @pytest.mark.cuda
