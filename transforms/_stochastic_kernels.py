@@ -313,7 +313,7 @@ def walk_tables(height, width, r1):
         ``(margin, image_steps, cell_steps, within_r1, center_cell)``: where no pixel is that far
         inside, ``margin`` exceeds the image and the tables are not used.
     """
-    margin = np.int64(math.ceil(r1)) if r1 > 0.0 else np.int64(0)
+    margin = np.int64(math.ceil(abs(r1)))
     side = 2 * margin + 1
     if side > min(height, width):
         margin = np.int64(max(height, width))
@@ -416,8 +416,8 @@ def spray_sectors(row, col, height, width, r1, r2, reach, thresholds):
     cover every accepted point. The spans ``min(r2, reach_s) - r1`` are laid end to end on a
     ``2**28``-step integer line with step ``scale`` (below ``5e-5`` pixels up to 1024 x 1024
     images, ``2e-4`` at 4096 x 4096): a uniform 28-bit integer ``u`` falls in one span and
-    means radius ``r1 + (u - start of the span) * scale`` in that sector. Spans are rounded up
-    to whole steps (millionths of a pixel), which the margin added to every reach absorbs.
+    means radius ``r1 + (u - start of the span) * scale`` in that sector. Span ends are rounded
+    to whole steps, which the margin added to every reach (``1e-3`` pixels) absorbs.
     ``thresholds[s]`` is the end of span ``s`` shifted left by ``log2(SECTORS)`` bits, with
     ``s + 1`` in the low bits: the last threshold at or below ``u`` (probed with all low bits
     set) gives both the sector of ``u`` and the start of its span, found as the smallest
