@@ -422,14 +422,17 @@ def _reading(auc: float | None) -> list[str]:
     """A paragraph for the report when the test AUC says the network has not learned the task."""
     if auc is None or not auc < CHANCE_AUC_BELOW:
         return []
+    volumes = (
+        DEFAULT.real_positive + DEFAULT.real_negative + DEFAULT.phantom_positive + DEFAULT.phantom_negative
+    )
     return [
         "## Reading",
         f"The test ROC AUC of {auc:.3f} is near chance: the network has not learned the task. "
         "ResNext+ trains here from random weights (no ImageNet weights can be fetched), and from "
         "scratch it needs a few hundred steps of several volumes each before it finds the lesions "
-        "(the default demo: four epochs over 680 training volumes, four per step; see "
-        "`docs/results.md`). Train longer, on more volumes, or give the bundle an ImageNet file "
-        "(`pretrained`); the outputs above show the whole job either way.",
+        f"(the default demo: {DEFAULT.epochs} epochs over {volumes} volumes, {DEFAULT.batch_size} "
+        "per step; see `docs/results.md`). Train longer, on more volumes, or give the bundle an "
+        "ImageNet file (`pretrained`); the outputs above show the whole job either way.",
     ]
 
 
