@@ -31,6 +31,8 @@ _DEVICE_CHAIN = (
     "spray_state",
     "pixel_key",
     "unit_direction",
+    "_neighbour",
+    "_next_neighbour",
     "_border_step",
     "walk_step",
     "_exit_distance",

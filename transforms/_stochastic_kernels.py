@@ -244,6 +244,26 @@ def exp_neg(x):
 # ----------------------------------------------------------------------------- sampling
 
 
+@njit(cache=True, inline="always")
+def _neighbour(k):
+    """``(dy, dx)`` of the walk's neighbour ``k`` (0..7)."""
+    return ((_NEIGHBOUR_DY1 >> (4 * k)) & 15) - 1, ((_NEIGHBOUR_DX1 >> (4 * k)) & 15) - 1
+
+
+@njit(cache=True, inline="always")
+def _next_neighbour(state, bits, nbits):
+    """The next 3 bits of a walk's buffered draw (a fresh draw when fewer are left): which of the
+    8 neighbours an interior step goes to.
+
+    Returns:
+        ``(k, state, bits, nbits)``.
+    """
+    if nbits < 3:
+        state, bits = next_draw(state)
+        nbits = _WALK_BITS
+    return np.int64(bits & _LOW3), state, bits >> _U3, nbits - 3
+
+
 @njit(cache=True, inline="always")  # the hot path of every walk: keep it in the caller's loop
 def walk_step(y, x, height, width, state, bits, nbits):
     """One walk step to a uniformly chosen neighbour inside the image.
@@ -255,17 +275,9 @@ def walk_step(y, x, height, width, state, bits, nbits):
         ``(y, x, state, bits, nbits)`` after the step.
     """
     if 0 < y < height - 1 and 0 < x < width - 1:
-        if nbits < 3:
-            state, bits = next_draw(state)
-            nbits = _WALK_BITS
-        shift = np.int64(bits & _LOW3) * 4
-        return (
-            y + ((_NEIGHBOUR_DY1 >> shift) & 15) - 1,
-            x + ((_NEIGHBOUR_DX1 >> shift) & 15) - 1,
-            state,
-            bits >> _U3,
-            nbits - 3,
-        )
+        k, state, bits, nbits = _next_neighbour(state, bits, nbits)
+        dy, dx = _neighbour(k)
+        return y + dy, x + dx, state, bits, nbits
     y, x, state = _border_step(y, x, height, width, state)
     return y, x, state, bits, nbits
 
@@ -280,8 +292,8 @@ def _border_step(y, x, height, width, state):
     """
     count = 0
     for k in range(8):
-        ny = y + ((_NEIGHBOUR_DY1 >> (4 * k)) & 15) - 1
-        nx = x + ((_NEIGHBOUR_DX1 >> (4 * k)) & 15) - 1
+        dy, dx = _neighbour(k)
+        ny, nx = y + dy, x + dx
         if 0 <= ny < height and 0 <= nx < width:
             count += 1
     if count == 0:
@@ -289,8 +301,8 @@ def _border_step(y, x, height, width, state):
     state, draw = next_draw(state)
     pick = np.int64(((draw >> _U32) * np.uint64(count)) >> _U32)
     for k in range(8):
-        ny = y + ((_NEIGHBOUR_DY1 >> (4 * k)) & 15) - 1
-        nx = x + ((_NEIGHBOUR_DX1 >> (4 * k)) & 15) - 1
+        dy, dx = _neighbour(k)
+        ny, nx = y + dy, x + dx
         if 0 <= ny < height and 0 <= nx < width:
             if pick == 0:
                 return ny, nx, state
@@ -321,8 +333,7 @@ def walk_tables(height, width, r1):
     image_steps = np.empty(8, dtype=np.uint64)
     cell_steps = np.empty(8, dtype=np.uint64)
     for k in range(8):
-        dy = ((_NEIGHBOUR_DY1 >> (4 * k)) & 15) - 1
-        dx = ((_NEIGHBOUR_DX1 >> (4 * k)) & 15) - 1
+        dy, dx = _neighbour(k)
         image_steps[k] = np.uint64(dy * width + dx)
         cell_steps[k] = np.uint64(dy * side + dx)
     within_r1 = np.empty(side * side, dtype=np.uint8)
@@ -354,12 +365,7 @@ def _walk_interior(img, grad, center_index, grad_center, state, max_steps, table
     grad_prev = grad_center
     steps = 0
     while within_r1[cell] != 0 and steps < max_steps:
-        if nbits < 3:
-            state, bits = next_draw(state)
-            nbits = _WALK_BITS
-        k = bits & _LOW3
-        bits = bits >> _U3
-        nbits -= 3
+        k, state, bits, nbits = _next_neighbour(state, bits, nbits)
         p += image_steps[k]
         cell += cell_steps[k]
         steps += 1

@@ -458,6 +458,22 @@ for ours, theirs in zip(kernels.enhance_layers(*args), _stochastic_cuda.enhance_
 """
 
 
+def test_cuda_device_functions_include_every_kernel_they_call():
+    """Each function rebuilt for the GPU finds the device version of every kernel function it
+    calls, built before it; a missing one would be the CPU dispatcher, which fails only on a
+    real GPU (the simulator accepts it)."""
+    from numba.core.registry import CPUDispatcher
+
+    from transforms import _stochastic_cuda
+
+    built = {"_floor"}  # substituted by the CUDA module
+    for name in _stochastic_cuda._DEVICE_CHAIN:
+        code = getattr(kernels, name).py_func.__code__
+        callees = {n for n in code.co_names if isinstance(getattr(kernels, n, None), CPUDispatcher)}
+        assert callees <= built, f"{name} calls {sorted(callees - built)} before they are built"
+        built.add(name)
+
+
 @pytest.mark.slow  # a fresh interpreter imports torch and MONAI: about 10 s
 def test_cuda_kernel_gives_the_cpu_layers_in_the_cuda_simulator():
     """The CUDA module's logic (device functions rebuilt from the CPU kernels' source, one thread
