@@ -1,6 +1,6 @@
 """How fast networks learn the demo task from scratch on a CPU; prints a table of test ROC AUC per epoch.
 
-The demo volumes (``pipeline.demo.make_demo_datalist`` with the demo's default settings) go
+The demo volumes (``pipeline.jobs.demo.make_demo_datalist`` with the demo's default settings) go
 through the evaluation preprocessing once (every slice, CT and lung mask stacked) and are kept
 in memory; then each network trains with Adam on ``--batch-size`` volumes per step, every
 training volume once per epoch, in a plain PyTorch loop, and is scored on the test split after
@@ -29,9 +29,9 @@ from monai.transforms import Compose
 from torch import Tensor, nn
 
 from networks import ResNextPlus
-from pipeline.datalist import load_datalist
-from pipeline.demo import DEFAULT, DEFAULT_BASE_CT, make_demo_datalist
-from pipeline.preprocessing import evaluation_transforms
+from pipeline.data.datalist import load_datalist
+from pipeline.jobs.demo import DEFAULT, DEFAULT_BASE_CT, make_demo_datalist
+from pipeline.workflow.preprocessing import evaluation_transforms
 
 
 class SmallCNN(nn.Module):

@@ -1,6 +1,6 @@
 """Command line: ``python -m pipeline <command> ...``."""
 
-from pipeline.cli import main
+from pipeline.jobs.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

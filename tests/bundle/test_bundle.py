@@ -20,7 +20,7 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.checkpoint_io import load_checkpoint
+from pipeline.workflow.checkpoints import load_checkpoint
 from tests.conftest import BUNDLE_DIR, METADATA_SCHEMA, REPO_ROOT
 
 CONFIGS = BUNDLE_DIR / "configs"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.pipeline.test_cases import write_dicom_series
+from tests.pipeline.data.test_cases import write_dicom_series
 
 SMALL_NETWORK = {"lstm_hidden": 8, "fc_hidden": 16}
 """Network settings of the battery's checkpoints (the ResNeXt-50 backbone is always full size)."""

@@ -20,11 +20,11 @@ from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
-from pipeline.cases import dicom_series
-from pipeline.datalist import DatalistError, check_datalist
-from pipeline.preprocessing import evaluation_transforms
+from pipeline.data.cases import dicom_series
+from pipeline.data.datalist import DatalistError, check_datalist
+from pipeline.workflow.preprocessing import evaluation_transforms
 from tests.conftest import BUNDLE_DIR
-from tests.pipeline.test_cases import write_dicom_series
+from tests.pipeline.data.test_cases import write_dicom_series
 from tests.reliability.conftest import BAD_INPUTS, HANDLED_INPUTS, demo_volume
 from transforms import LungMask, NoLungFoundError, ToneMap
 from transforms.validation import InvalidVolumeError

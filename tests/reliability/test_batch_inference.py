@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from pipeline.demo import run_bundle
+from pipeline.jobs.demo import run_bundle
 from tests.conftest import BUNDLE_DIR, REPO_ROOT
 from tests.reliability.conftest import BAD_INPUTS, HANDLED_INPUTS, LONG_SLICES, SMALL_NETWORK
 

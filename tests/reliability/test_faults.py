@@ -21,8 +21,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 from torch import nn
 
-from pipeline.checkpoint_io import load_checkpoint
-from pipeline.handlers import NonFiniteError
+from pipeline.workflow.checkpoints import load_checkpoint
+from pipeline.workflow.handlers import NonFiniteError
 from tests.conftest import BUNDLE_DIR, REPO_ROOT
 
 TRAIN = BUNDLE_DIR / "configs" / "train.json"
@@ -91,7 +91,7 @@ def test_run_killed_mid_epoch_resumes_from_its_last_checkpoint(
 SAVING_LOOP = textwrap.dedent(
     """
     import sys, torch
-    from pipeline.checkpoint_io import atomic_torch_save
+    from pipeline.data.atomic_files import atomic_torch_save
     path, i = sys.argv[1], 0
     while True:
         i += 1

@@ -20,8 +20,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from networks import ResNextPlus, load_pretrained, resnext50_32x4d
-from pipeline.checkpoint_io import UnsafeCheckpointError, load_checkpoint
-from pipeline.datalist import DatalistError, load_datalist
+from pipeline.data.datalist import DatalistError, load_datalist
+from pipeline.workflow.checkpoints import UnsafeCheckpointError, load_checkpoint
 from tests.conftest import BUNDLE_DIR
 from tests.reliability.conftest import SMALL_NETWORK
 

@@ -1,0 +1,148 @@
+"""The ``python -m pipeline`` command line: one sub-command a job."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.data.real_scan_volumes import DEFAULT_BASE_CT
+
+
+def _make_demo_data(args: argparse.Namespace) -> int:
+    from pipeline.data.demo_data import make_demo_data
+
+    make_demo_data(
+        args.out_dir,
+        n_positive=args.n_positive,
+        n_negative=args.n_negative,
+        size=args.size,
+        slices=args.slices,
+        seed=args.seed,
+        base_ct=args.base_ct,
+    )
+    print(f"demo data written to {args.out_dir}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.jobs.demo import DEFAULT, QUICK, run_demo, summary_line, with_overrides
+
+    settings = with_overrides(QUICK if args.quick else DEFAULT, seed=args.seed)
+    command = "python -m pipeline demo" + (" --quick" if args.quick else "")
+    base_ct = _base_ct(args)
+    result = run_demo(args.out, settings, base_ct=base_ct, progress=not args.no_progress, command=command)
+    print(summary_line(result))
+    return 0
+
+
+def _benchmark_accuracy(args: argparse.Namespace) -> int:
+    from pipeline.jobs.accuracy_benchmark import run_accuracy_benchmark, select_runs
+
+    command = f"python -m pipeline benchmark-accuracy --out {args.out} --budget {args.budget}"
+    command += f" --seed {args.seed}" + (" --phantoms-only" if args.phantoms_only else "")
+    command += f" --runs {','.join(args.runs)}" if args.runs else ""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = f"OMP_NUM_THREADS={threads} {command}" if threads else command
+    base_ct = _base_ct(args)
+
+    def announce(name: str, result: object) -> None:
+        if result is None:
+            print(f"[{time.strftime('%H:%M:%S')}] run {name}: training and evaluating", flush=True)
+        else:
+            volume = result.metrics["volume"]
+            print(
+                f"[{time.strftime('%H:%M:%S')}] run {name}: test volume AUC {volume.get('auc')}, "
+                f"ACC {volume.get('acc')}; training {result.train_seconds:.0f} s",
+                flush=True,
+            )
+
+    try:
+        runs = select_runs(args.runs)
+    except ValueError as error:
+        raise SystemExit(f"benchmark-accuracy: {error}") from None
+    result = run_accuracy_benchmark(
+        args.out, args.budget, seed=args.seed, base_ct=base_ct, runs=runs, command=command, on_run=announce
+    )
+    print(f"{len(result.runs)} runs in {result.total_seconds / 60:.1f} min; tables: {result.results_md}")
+    return 0
+
+
+def _add_base_ct_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--base-ct`` and ``--phantoms-only``: where the demo volumes' real CT comes from."""
+    parser.add_argument(
+        "--base-ct",
+        type=Path,
+        default=DEFAULT_BASE_CT,
+        help="real CT (NIfTI file or DICOM folder, in HU) to insert lesions into; phantoms only when absent",
+    )
+    parser.add_argument("--phantoms-only", action="store_true", help="do not use the real CT")
+
+
+def _base_ct(args: argparse.Namespace) -> Path | None:
+    """The real CT chosen by :func:`_add_base_ct_arguments`' options (``None``: phantoms only)."""
+    return None if args.phantoms_only else args.base_ct
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m pipeline``."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo_data = commands.add_parser("make-demo-data", help="write synthetic chest CT volumes and a datalist")
+    demo_data.add_argument("out_dir", type=Path)
+    demo_data.add_argument("--n-positive", type=int, default=8)
+    demo_data.add_argument("--n-negative", type=int, default=16)
+    demo_data.add_argument("--size", type=int, default=128, help="in-plane size in pixels")
+    demo_data.add_argument("--slices", type=int, default=32, help="axial slices per volume")
+    demo_data.add_argument("--seed", type=int, default=0)
+    demo_data.add_argument(
+        "--base-ct", type=Path, default=None, help="real CT (NIfTI file or DICOM folder, in HU) to build on"
+    )
+    demo_data.set_defaults(func=_make_demo_data)
+
+    demo = commands.add_parser(
+        "demo", help="make demo data, train, evaluate, run batch inference and write report.md (CPU: minutes)"
+    )
+    demo.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)"
+    )
+    demo.add_argument("--quick", action="store_true", help="a one- to two-minute smoke run on tiny data")
+    demo.add_argument("--seed", type=int, default=None, help="seed of the data and of training (default: 0)")
+    _add_base_ct_arguments(demo)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+
+    accuracy = commands.add_parser(
+        "benchmark-accuracy",
+        help="the paper's enhancement and ablation tables: six runs on one split, results.md (CPU: ~50 min)",
+    )
+    accuracy.add_argument(
+        "--out", type=Path, default=Path("runs/accuracy"), help="output folder (default: runs/accuracy)"
+    )
+    accuracy.add_argument(
+        "--budget",
+        choices=("smoke", "cpu", "gpu"),
+        default="cpu",
+        help="smoke: tiny end-to-end check; cpu: ~50 min on 2 cores; gpu: the paper's settings "
+        "(default: cpu)",
+    )
+    accuracy.add_argument("--seed", type=int, default=0, help="seed of the data, split and runs (default: 0)")
+    _add_base_ct_arguments(accuracy)
+    accuracy.add_argument(
+        "--runs",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=None,
+        help="comma-separated subset of proposed,n_sca,n_sla,n_msca,tone,stochastic (default: all); "
+        "runs already finished with the same settings are reused, not retrained",
+    )
+    accuracy.set_defaults(func=_benchmark_accuracy)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command of ``python -m pipeline`` and return its exit code."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,579 @@
+"""The main job, ``python -m pipeline demo``: data, training, evaluation, batch inference, report.
+
+Everything runs through the bundle in ``bundles/covid19_ct_resnextplus`` with CPU-sized
+overrides, in this process (MONAI's ``ConfigWorkflow``):
+
+1. data: demo volumes with exact slice labels, half built from the real chest CT in
+   ``../shared/data`` (lesions inserted into its lungs) when it is there, half synthetic
+   phantoms; one merged ``datalist.json``;
+2. training: ``configs/train.json`` (best model by validation ROC AUC);
+3. evaluation: ``configs/train.json`` + ``configs/evaluate.json`` on the test split
+   (``metrics.json``, volume and slice level);
+4. batch inference: ``configs/inference.json`` on the test split (``predictions.csv``,
+   slice attention CSV and figure per volume);
+5. report: ``report.md`` with the metrics tables, ROC curves, training curves and the
+   attention figures of a few test volumes.
+
+The network trains from scratch (no ImageNet weights can be fetched) on many small, cheap
+volumes, each seen a few times, four volumes per step so that batch-norm statistics span
+several volumes; see :data:`DEFAULT` and :data:`QUICK`, and ``docs/results.md`` for why.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.data.atomic_files import atomic_write_text
+from pipeline.data.real_scan_volumes import DEFAULT_BASE_CT
+from pipeline.export.attention_export import ERRORS_FILE, PREDICTIONS_FILE
+from pipeline.export.figures import plot_roc, plot_training_curves
+from pipeline.export.report import AttentionExample, Report
+
+__all__ = [
+    "BUNDLE_DIR",
+    "DEFAULT",
+    "QUICK",
+    "DemoResult",
+    "DemoSettings",
+    "learning_rate_text",
+    "make_demo_datalist",
+    "run_bundle",
+    "run_demo",
+    "summary_line",
+    "with_overrides",
+    "write_demo_report",
+]
+
+BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "covid19_ct_resnextplus"
+STAGES = ("data", "training", "evaluation", "inference", "report")
+"""The stages of the demo job, in order; each one is timed."""
+TRAINING_CURVES = ("train_loss", "val_auc", "volume_acc", "volume_f1", "slice_auc", "slice_f1")
+"""TensorBoard series drawn in the report: the loss per iteration, validation metrics per epoch."""
+TRAINING_ONLY_IDS = ("ckpt_dir", "cache_dir", "num_slices", "seed", "class_balance", "augment_positives")
+"""Bundle ids of training that ``inference.json`` does not have."""
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of the demo run.
+
+    Attributes:
+        real_positive, real_negative: volumes built from the real CT (when present).
+        phantom_positive, phantom_negative: synthetic phantom volumes (all of them when the
+            real CT is absent: its share goes to the phantoms).
+        size: in-plane size of the volumes and of the network input, in pixels.
+        slices: axial slices per volume (all of them are used in training and scored).
+        val_fraction, test_fraction: share of each class and source in validation and test.
+        epochs: training epochs.
+        batch_size: training volumes per step. Several volumes per step let batch-norm
+            statistics span volumes; with one volume per step ResNext+ learns far more slowly
+            from scratch (see ``docs/results.md``).
+        lr_min, lr_max: the cyclic learning rate's range.
+        lr_half_cycle_epochs: epochs from ``lr_min`` to ``lr_max``.
+        num_workers: data loader processes.
+        threads: torch's intra-op threads (``None``: torch's default, one per core). One thread
+            leaves the second core of a 2-core machine to the data loader, and is several times
+            faster than two when other work shares the CPU; the default demo trains batches of
+            four volumes, which use both cores well.
+        seed: seed of the data and of training.
+        examples: test volumes shown with their attention figures in the report.
+        overrides: more bundle overrides (``id -> value``) for training, evaluation and
+            inference. By default every training volume is seen once per epoch as it is
+            (``class_balance`` and ``augment_positives`` off): the demo classes are balanced
+            and its volumes plentiful, and augmenting only the positives gives the network a
+            shortcut (augmented means positive) that fails on clean test volumes.
+    """
+
+    real_positive: int = 200
+    real_negative: int = 200
+    phantom_positive: int = 200
+    phantom_negative: int = 200
+    size: int = 48
+    slices: int = 8
+    val_fraction: float = 0.05
+    test_fraction: float = 0.1
+    epochs: int = 3
+    batch_size: int = 4
+    lr_min: float = 2e-4
+    lr_max: float = 2e-4
+    lr_half_cycle_epochs: float = 1.0
+    num_workers: int = 1
+    threads: int | None = None
+    seed: int = 0
+    examples: int = 4
+    overrides: Mapping[str, Any] = field(
+        default_factory=lambda: {"class_balance": False, "augment_positives": False}
+    )
+
+
+DEFAULT = DemoSettings()
+"""The default demo: 800 volumes of 48 x 48 x 8, three epochs of four volumes per step (under 10
+minutes on a 2-core CPU)."""
+
+QUICK = DemoSettings(
+    real_positive=4,
+    real_negative=4,
+    phantom_positive=4,
+    phantom_negative=4,
+    size=48,
+    slices=8,
+    val_fraction=0.25,
+    test_fraction=0.25,
+    epochs=1,
+    threads=1,
+    examples=2,
+)
+"""A smoke run of the whole job on 16 tiny volumes (a minute or two; the numbers mean nothing)."""
+
+
+@dataclass
+class DemoResult:
+    """Where a demo run put its results, and what it measured."""
+
+    out_dir: Path
+    report: Path
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    datalist: Path
+    inference_dir: Path
+
+
+def make_demo_datalist(
+    data_dir: str | os.PathLike, settings: DemoSettings, base_ct: str | os.PathLike | None
+) -> tuple[Path, dict[str, int]]:
+    """Write the demo volumes and one merged ``datalist.json`` in ``data_dir``.
+
+    Volumes from the real CT go to ``data_dir/real``, phantoms to ``data_dir/phantom``; each
+    item of the merged datalist carries a ``case_id`` naming its source (``real_positive_003``).
+
+    Returns:
+        The merged datalist's path and the number of volumes per source.
+    """
+    from pipeline.data.demo_data import make_demo_data
+
+    data_dir = Path(data_dir)
+    sources: dict[str, tuple[int, int, Path | None]] = {}
+    use_real = base_ct is not None and Path(base_ct).exists()
+    phantom_positive, phantom_negative = settings.phantom_positive, settings.phantom_negative
+    if use_real:
+        sources["real"] = (settings.real_positive, settings.real_negative, Path(base_ct))
+    else:
+        phantom_positive += settings.real_positive
+        phantom_negative += settings.real_negative
+    sources["phantom"] = (phantom_positive, phantom_negative, None)
+
+    merged: dict[str, list[dict[str, Any]]] = {"training": [], "validation": [], "test": []}
+    counts = {}
+    for offset, (source, (n_positive, n_negative, base)) in enumerate(sources.items()):
+        if n_positive + n_negative == 0:
+            continue
+        datalist = make_demo_data(
+            data_dir / source,
+            n_positive=n_positive,
+            n_negative=n_negative,
+            size=settings.size,
+            slices=settings.slices,
+            seed=settings.seed + offset,
+            base_ct=base,
+            val_fraction=settings.val_fraction,
+            test_fraction=settings.test_fraction,
+        )
+        counts[source] = n_positive + n_negative
+        for split, items in json.loads(Path(datalist).read_text()).items():
+            for item in items:
+                image = Path(item["image"])
+                merged.setdefault(split, []).append(
+                    {
+                        **item,
+                        "image": f"{source}/{image.as_posix()}",
+                        "case_id": f"{source}_{image.name.split('.')[0]}",
+                    }
+                )
+    path = data_dir / "datalist.json"
+    atomic_write_text(path, json.dumps(merged, indent=1) + "\n")
+    return path, counts
+
+
+@contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Keep the workflows' INFO logging (every iteration's loss, every epoch's metrics) off the console.
+
+    The progress bars show where the run is; warnings and errors still come through.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def run_bundle(config_files: Sequence[str | os.PathLike], overrides: Mapping[str, Any]) -> Any:
+    """Run a bundle workflow in this process: ``initialize``, ``run``, ``finalize``.
+
+    Args:
+        config_files: the config files, merged in order (as ``--config_file "[...]"``).
+        overrides: ``id -> value`` pairs, as ``--id value`` on the command line.
+
+    Returns:
+        The finished ``ConfigWorkflow`` (its parsed components can be read back).
+    """
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=[os.fspath(f) for f in config_files],
+        meta_file=os.fspath(BUNDLE_DIR / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type=None,
+        **dict(overrides),
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+def learning_rate_text(lr_min: float, lr_max: float) -> str:
+    """``learning rate 0.0002``, or ``cyclic learning rate 0.0001..0.0005`` when the bounds differ."""
+    if lr_min == lr_max:
+        return f"learning rate {lr_min:g}"
+    return f"cyclic learning rate {lr_min:g}..{lr_max:g}"
+
+
+def _bundle_overrides(out_dir: Path, datalist: Path, settings: DemoSettings) -> dict[str, Any]:
+    return {
+        "bundle_root": os.fspath(BUNDLE_DIR),
+        "dataset_dir": os.fspath(datalist.parent),
+        "datalist": os.fspath(datalist),
+        "ckpt_dir": os.fspath(out_dir / "models"),
+        "cache_dir": os.fspath(out_dir / "cache"),
+        "seed": settings.seed,
+        "num_workers": settings.num_workers,
+        "resize_size": settings.size,
+        "spatial_size": settings.size,
+        "num_slices": settings.slices,
+        **dict(settings.overrides),
+    }
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def _slice_scores(
+    inference_dir: Path, predictions: Sequence[Mapping[str, str]]
+) -> tuple[list[int], list[float]]:
+    """Slice labels and attention x N of the slices of positive test volumes (the slice-level ROC)."""
+    labels: list[int] = []
+    scores: list[float] = []
+    for row in predictions:
+        if row.get("label") != "1":
+            continue
+        rows = _read_csv(inference_dir / row["case_id"] / "slice_attention.csv")
+        if not rows or "slice_label" not in rows[0]:
+            continue
+        labels += [int(r["slice_label"]) for r in rows]
+        scores += [float(r["attention"]) * len(rows) for r in rows]
+    return labels, scores
+
+
+def _examples(
+    inference_dir: Path, predictions: Sequence[Mapping[str, str]], count: int
+) -> list[AttentionExample]:
+    """Test volumes to show: the most confident positives of each source, then a negative."""
+    positives = sorted(
+        (r for r in predictions if r.get("label") == "1"), key=lambda r: -float(r["prob_covid"])
+    )
+    negatives = sorted(
+        (r for r in predictions if r.get("label") == "0"), key=lambda r: float(r["prob_covid"])
+    )
+    chosen: list[Mapping[str, str]] = []
+    for source in ("real", "phantom"):
+        chosen += [r for r in positives if r["case_id"].startswith(source)][:1]
+    chosen += [r for r in positives if r not in chosen][: max(count - len(chosen) - 1, 0)]
+    chosen += negatives[:1]
+    return [
+        AttentionExample(
+            case_id=row["case_id"],
+            figure=inference_dir / row["case_id"] / "slice_attention.png",
+            prob_covid=float(row["prob_covid"]),
+            label=int(row["label"]) if row.get("label") in ("0", "1") else None,
+            top_slices=row.get("top_slices", "").replace(";", ", "),
+        )
+        for row in chosen[:count]
+        if (inference_dir / row["case_id"] / "slice_attention.png").is_file()
+    ]
+
+
+def _relative(path: str, base: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def _machine() -> str:
+    device = "CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return f"{device}, {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}"
+
+
+def write_demo_report(
+    out_dir: Path,
+    settings: DemoSettings,
+    metrics: Mapping[str, Any],
+    timings: Mapping[str, float],
+    counts: Mapping[str, int],
+    split_sizes: Mapping[str, int],
+    command: str,
+) -> Path:
+    """Draw the ROC and training curves and write ``out_dir/report.md``."""
+    inference_dir = out_dir / "inference"
+    figures_dir = out_dir / "figures"
+    predictions = _read_csv(inference_dir / PREDICTIONS_FILE)
+    errors = [(r["image"], r["error"]) for r in _read_csv(inference_dir / ERRORS_FILE)]
+    figures: list[tuple[str, Path]] = []
+
+    curves = {}
+    labelled = [r for r in predictions if r.get("label") in ("0", "1")]
+    if labelled:
+        curves["volume level"] = (
+            [int(r["label"]) for r in labelled],
+            [float(r["prob_covid"]) for r in labelled],
+        )
+    slice_labels, slice_scores = _slice_scores(inference_dir, labelled)
+    if slice_labels:
+        curves["slice level (positive volumes)"] = (slice_labels, slice_scores)
+    if curves:
+        plot_roc(figures_dir / "roc.png", curves, title="ROC curves, test split")
+        figures.append(("ROC curves (test split)", figures_dir / "roc.png"))
+    try:
+        plot_training_curves(
+            figures_dir / "training_curves.png",
+            out_dir / "train",
+            tags=TRAINING_CURVES,
+            title="training loss and validation metrics",
+        )
+        figures.append(("Training curves", figures_dir / "training_curves.png"))
+    except ValueError as error:
+        logger.warning("no training curves: %s", error)
+
+    volume = dict(metrics.get("volume", {}))
+    slice_level = dict(metrics.get("slice", {}))
+    summary = {
+        "command": f"`{command}`",
+        "machine": _machine(),
+        "volumes": ", ".join(f"{n} {source}" for source, n in counts.items())
+        + f" ({', '.join(f'{n} {split}' for split, n in split_sizes.items())})",
+        "volume size": f"{settings.size} x {settings.size} x {settings.slices} (all slices scored)",
+        "training": f"{settings.epochs} epoch(s) from scratch, {settings.batch_size} volume(s) per step, "
+        + learning_rate_text(settings.lr_min, settings.lr_max),
+        "test volumes scored": f"{volume.get('count', len(predictions))}",
+        **{f"time: {stage}": f"{seconds:.0f} s" for stage, seconds in timings.items()},
+    }
+    report = Report(
+        title="COVID-19 CT ResNext+ demo",
+        summary=summary,
+        metrics={"volume": volume, "slice": slice_level} if slice_level else {"volume": volume},
+        confusion={
+            level: values["confusion_matrix"]
+            for level, values in (("volume", volume), ("slice", slice_level))
+            if "confusion_matrix" in values
+        },
+        figures=figures,
+        examples=_examples(inference_dir, predictions, settings.examples),
+        predictions=[{**row, "image": _relative(row["image"], out_dir)} for row in predictions],
+        errors=errors,
+        notes=[
+            *_reading(volume.get("auc")),
+            "## Files",
+            "- `data/`: the demo volumes and `datalist.json`\n"
+            "- `models/model.pt`: the best network by validation ROC AUC\n"
+            "- `eval/metrics.json`: test metrics at volume and slice level\n"
+            "- `inference/predictions.csv`, `inference/<case>/slice_attention.{csv,png}`: batch inference\n"
+            "- `train/`: TensorBoard event files of training and validation",
+        ],
+    )
+    return report.write(out_dir / "report.md")
+
+
+CHANCE_AUC_BELOW = 0.7
+"""A test ROC AUC below this is read as training not having learned the task."""
+
+
+def _reading(auc: float | None) -> list[str]:
+    """A paragraph for the report when the test AUC says the network has not learned the task."""
+    if auc is None or not auc < CHANCE_AUC_BELOW:
+        return []
+    volumes = (
+        DEFAULT.real_positive + DEFAULT.real_negative + DEFAULT.phantom_positive + DEFAULT.phantom_negative
+    )
+    return [
+        "## Reading",
+        f"The test ROC AUC of {auc:.3f} is near chance: the network has not learned the task. "
+        "ResNext+ trains here from random weights (no ImageNet weights can be fetched), and from "
+        "scratch it needs a few hundred steps of several volumes each before it finds the lesions "
+        f"(the default demo: {DEFAULT.epochs} epochs over {volumes} volumes, {DEFAULT.batch_size} "
+        "per step; see `docs/results.md`). Train longer, on more volumes, or give the bundle an "
+        "ImageNet file (`pretrained`); the outputs above show the whole job either way.",
+    ]
+
+
+def run_demo(
+    out_dir: str | os.PathLike = "runs/demo",
+    settings: DemoSettings = DEFAULT,
+    base_ct: str | os.PathLike | None = DEFAULT_BASE_CT,
+    progress: bool = True,
+    command: str = "python -m pipeline demo",
+    on_stage: Callable[[str], None] | None = None,
+) -> DemoResult:
+    """Run the whole demo job and return where its results are.
+
+    Args:
+        out_dir: the run's folder (created; earlier results in it are replaced).
+        settings: the sizes of the run (:data:`DEFAULT`, :data:`QUICK`, or your own).
+        base_ct: the real chest CT to build realistic volumes from; phantoms only when it is
+            ``None`` or missing.
+        progress: show progress bars.
+        command: the command line recorded in the report.
+        on_stage: called with each stage's name as it starts.
+
+    Returns:
+        The report's path, the test metrics and the time of each stage.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    bar = tqdm(total=len(STAGES), desc="demo", unit="stage", disable=not progress)
+    timings: dict[str, float] = {}
+    start_all = time.perf_counter()
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        bar.set_postfix_str(name)
+        if on_stage is not None:
+            on_stage(name)
+        start = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - start
+        bar.update()
+
+    try:
+        with _quiet_logs():
+            with stage("data"):
+                datalist, counts = make_demo_datalist(out_dir / "data", settings, base_ct)
+            split_sizes = {split: len(items) for split, items in json.loads(datalist.read_text()).items()}
+            checkpoint = out_dir / "models" / "model.pt"
+            with stage("training"):
+                _train(out_dir, datalist, settings)
+            with stage("evaluation"):
+                metrics = _evaluate(out_dir, datalist, settings, checkpoint)
+            with stage("inference"):
+                _infer(out_dir, datalist, settings, checkpoint, progress)
+            timings["total"] = time.perf_counter() - start_all
+            with stage("report"):
+                report = write_demo_report(out_dir, settings, metrics, timings, counts, split_sizes, command)
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+    settings_record = {**asdict(settings), "overrides": dict(settings.overrides)}
+    atomic_write_text(out_dir / "settings.json", json.dumps(settings_record, indent=1) + "\n")
+    return DemoResult(
+        out_dir=out_dir,
+        report=report,
+        metrics=metrics,
+        timings=timings,
+        datalist=datalist,
+        inference_dir=out_dir / "inference",
+    )
+
+
+def _train(out_dir: Path, datalist: Path, settings: DemoSettings) -> None:
+    """Train through ``configs/train.json``; the best network by validation AUC lands in ``models/``."""
+    run_bundle(
+        [BUNDLE_DIR / "configs" / "train.json"],
+        {
+            **_bundle_overrides(out_dir, datalist, settings),
+            "output_dir": os.fspath(out_dir / "train"),
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "lr_min": settings.lr_min,
+            "lr_max": settings.lr_max,
+            "lr_half_cycle_epochs": settings.lr_half_cycle_epochs,
+        },
+    )
+
+
+def _evaluate(out_dir: Path, datalist: Path, settings: DemoSettings, checkpoint: Path) -> dict[str, Any]:
+    """Score the test split through ``configs/evaluate.json``; returns its ``metrics.json``."""
+    configs = BUNDLE_DIR / "configs"
+    run_bundle(
+        [configs / "train.json", configs / "evaluate.json"],
+        {
+            **_bundle_overrides(out_dir, datalist, settings),
+            "output_dir": os.fspath(out_dir / "eval"),
+            "ckpt_path": os.fspath(checkpoint),
+        },
+    )
+    return json.loads((out_dir / "eval" / "metrics.json").read_text())
+
+
+def _infer(out_dir: Path, datalist: Path, settings: DemoSettings, checkpoint: Path, progress: bool) -> None:
+    """Batch inference on the test split through ``configs/inference.json``."""
+    overrides = _bundle_overrides(out_dir, datalist, settings)
+    for training_only in (
+        "ckpt_dir",
+        "cache_dir",
+        "num_slices",
+        "seed",
+        "class_balance",
+        "augment_positives",
+    ):
+        overrides.pop(training_only, None)
+    run_bundle(
+        [BUNDLE_DIR / "configs" / "inference.json"],
+        {
+            **overrides,
+            "dataset_dir": None,
+            "split": "test",
+            "ckpt_path": os.fspath(checkpoint),
+            "output_dir": os.fspath(out_dir / "inference"),
+            "progress": progress,
+        },
+    )
+
+
+def with_overrides(settings: DemoSettings, **changes: Any) -> DemoSettings:
+    """A copy of ``settings`` with some fields changed (``None`` values are ignored)."""
+    return replace(settings, **{k: v for k, v in changes.items() if v is not None})
+
+
+def summary_line(result: DemoResult) -> str:
+    """One line for the console: the key numbers and where the report is."""
+    volume = result.metrics.get("volume", {})
+    auc = volume.get("auc")
+    total = result.timings.get("total", float("nan"))
+    auc_text = "n/a" if auc is None or (isinstance(auc, float) and np.isnan(auc)) else f"{auc:.3f}"
+    return (
+        f"test ROC AUC {auc_text}, accuracy {volume.get('acc', float('nan')):.3f} "
+        f"on {volume.get('count', '?')} volumes; {total:.0f} s in all; report: {result.report}"
+    )

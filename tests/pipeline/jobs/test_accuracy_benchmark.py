@@ -1,0 +1,174 @@
+"""``python -m pipeline benchmark-accuracy --budget smoke`` end to end, and the table rendering."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.export.results_tables import (
+    ABLATION_COLUMNS,
+    ENHANCEMENT_COLUMNS,
+    RunResult,
+    format_value,
+    metrics_table,
+)
+from pipeline.jobs.accuracy_benchmark import BUDGETS, RUNS, run_accuracy_benchmark, select_runs
+from pipeline.jobs.cli import main
+
+TABLE1_ROWS = ("Orig.", "Stoc. Enh.", "Tone Enh.")
+TABLE2_ROWS = ("N-SCA", "N-MSCA", "N-SLA", "Proposed")
+METRICS = ("acc", "pre", "rec", "f1", "sen", "spe", "auc")
+
+
+def _section(text: str, heading: str) -> str:
+    """The markdown between ``heading`` and the next ``## `` heading."""
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start : end if end >= 0 else None]
+
+
+def _table_rows(section: str) -> list[list[str]]:
+    """Cells of the body rows of the first markdown table in ``section``."""
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def _check_metrics_table(section: str, labels: tuple[str, ...], columns: tuple[str, ...]) -> None:
+    rows = _table_rows(section)
+    assert [row[1] for row in rows] == list(labels) * 2  # volume block, then slice block
+    assert rows[0][0] == "Volume level" and rows[len(labels)][0] == "Slice level"
+    for level_index, row in enumerate(rows):
+        values = row[2:]
+        assert len(values) == len(columns)
+        if row[1] == "N-SLA" and level_index >= len(labels):
+            assert values == ["NA"] * len(columns)  # uniform attention: no slice prediction
+            continue
+        for value in values:
+            assert value == "n/a" or 0.0 <= float(value) <= 1.0, row
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole study at the smoke budget, through the command line (run once for this module)."""
+    out = tmp_path_factory.mktemp("accuracy") / "study"
+    threads = torch.get_num_threads()
+    # Tiny tensors: one thread is as fast, and avoids OpenMP spin-waits when other work shares the cores.
+    torch.set_num_threads(1)
+    try:
+        assert main(["benchmark-accuracy", "--budget", "smoke", "--out", str(out), "--seed", "3"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.slow
+def test_smoke_study_tables_have_every_row_in_range(smoke_study: Path) -> None:
+    text = (smoke_study / "results.md").read_text()
+    assert f"`python -m pipeline benchmark-accuracy --out {smoke_study} --budget smoke --seed 3`" in text
+    assert "**seed**: 3" in text
+    assert "torch" in text and "CPU cores" in text
+    _check_metrics_table(_section(text, "## Table 1"), TABLE1_ROWS, ENHANCEMENT_COLUMNS)
+    _check_metrics_table(_section(text, "## Table 2"), TABLE2_ROWS, ABLATION_COLUMNS)
+
+    runs = _table_rows(_section(text, "## Runs"))
+    assert sorted(row[0] for row in runs) == sorted(spec.name for spec in RUNS)
+    for row in runs:
+        assert float(row[3]) >= 0 and float(row[4]) >= 0  # training and evaluation seconds
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_share_split_and_record_bundle_metrics(smoke_study: Path) -> None:
+    datalist = json.loads((smoke_study / "data" / "datalist.json").read_text())
+    test_count = len(datalist["test"])
+    results = json.loads((smoke_study / "results.json").read_text())
+    assert results["seed"] == 3 and results["budget"]["name"] == "smoke"
+    assert set(results["runs"]) == {spec.name for spec in RUNS}
+    for spec in RUNS:
+        run = results["runs"][spec.name]
+        # the table values are the ones the bundle's evaluate.json wrote
+        written = json.loads((smoke_study / "runs" / spec.name / "eval" / "metrics.json").read_text())
+        assert written["split"] == "test"
+        assert Path(written["datalist"]) == smoke_study / "data" / "datalist.json"
+        for level in ("volume", "slice"):
+            assert run["metrics"][level] == written[level]
+            for name in METRICS:
+                value = written[level][name]
+                assert value is None or 0.0 <= value <= 1.0
+        assert written["volume"]["count"] == test_count
+        assert sum(map(sum, written["volume"]["confusion_matrix"])) == test_count
+        assert written["slice"]["count"] == test_count * BUDGETS["smoke"].slices
+        assert run["settings"] == dict(spec.overrides)
+        assert (smoke_study / "runs" / spec.name / "models" / "model.pt").is_file()
+        assert list((smoke_study / "runs" / spec.name / "train").glob("events.out.tfevents.*"))
+    # N-SLA's mean pooling reports uniform attention, so it never singles out a slice
+    assert results["runs"]["n_sla"]["metrics"]["slice"]["confusion_matrix"][0][1] == 0
+    assert results["runs"]["n_sla"]["metrics"]["slice"]["confusion_matrix"][1][1] == 0
+
+
+@pytest.mark.slow
+def test_smoke_study_resumes_without_retraining(smoke_study: Path) -> None:
+    records = sorted((smoke_study / "runs").glob("*/run.json"))
+    assert len(records) == len(RUNS)
+    before = {path: path.stat().st_mtime_ns for path in records}
+    first = json.loads((smoke_study / "results.json").read_text())
+
+    result = run_accuracy_benchmark(smoke_study, "smoke", seed=3, command="again")
+    assert {path: path.stat().st_mtime_ns for path in records} == before
+    assert {name: run.metrics for name, run in result.runs.items()} == {
+        name: run["metrics"] for name, run in first["runs"].items()
+    }
+    assert "`again`" in result.results_md.read_text()
+
+    # a subset of finished runs re-renders the tables with their rows only
+    args = ["benchmark-accuracy", "--budget", "smoke", "--out", str(smoke_study), "--seed", "3"]
+    assert main([*args, "--runs", "tone,proposed"]) == 0
+    assert {path: path.stat().st_mtime_ns for path in records} == before
+    text = (smoke_study / "results.md").read_text()
+    assert [row[1] for row in _table_rows(_section(text, "## Table 1"))] == ["Orig.", "Tone Enh."] * 2
+    assert [row[1] for row in _table_rows(_section(text, "## Table 2"))] == ["Proposed"] * 2
+
+
+def test_select_runs_keeps_study_order_and_rejects_unknown_names() -> None:
+    assert select_runs(None) == list(RUNS)
+    assert [spec.name for spec in select_runs(["stochastic", "proposed"])] == ["proposed", "stochastic"]
+    with pytest.raises(ValueError, match=r"unknown run.*n_xyz"):
+        select_runs(["n_xyz"])
+    with pytest.raises(SystemExit, match="n_xyz"):
+        main(["benchmark-accuracy", "--budget", "smoke", "--runs", "proposed,n_xyz"])
+
+
+def _result(name: str, label: str, slice_level: bool = True, **volume: float) -> RunResult:
+    metrics = {name: 0.5 for name in METRICS}
+    return RunResult(
+        name=name,
+        label=label,
+        metrics={"volume": {**metrics, **volume, "count": 4}, "slice": dict(metrics)},
+        train_seconds=12.3,
+        eval_seconds=1.2,
+        slice_level=slice_level,
+    )
+
+
+def test_format_value_marks_undefined_metrics() -> None:
+    assert format_value(0.81949) == "0.819"
+    assert format_value(1) == "1.000"
+    assert format_value(None) == "n/a"
+    assert format_value(math.nan) == "n/a"
+
+
+def test_metrics_table_volume_then_slice_blocks() -> None:
+    rows = [_result("n_sla", "N-SLA", slice_level=False, acc=0.25), _result("proposed", "Proposed", pre=None)]
+    table = metrics_table(rows, ABLATION_COLUMNS)
+    lines = table.splitlines()
+    assert lines[0] == "| Level | Setting | ACC | PRE | F1 | SEN | SPE | AUC |"
+    assert re.fullmatch(r"\|(---\|){8}", lines[1])
+    assert lines[2] == "| Volume level | N-SLA | 0.250 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 |"
+    assert lines[3] == "|  | Proposed | 0.500 | n/a | 0.500 | 0.500 | 0.500 | 0.500 |"
+    assert lines[4] == "| Slice level | N-SLA | NA | NA | NA | NA | NA | NA |"
+    assert lines[5] == "|  | Proposed | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 |"
+    assert len(lines) == 6

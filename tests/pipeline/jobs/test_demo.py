@@ -1,0 +1,96 @@
+"""``python -m pipeline demo --quick`` end to end: data, training, evaluation, inference, report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from pipeline.jobs.cli import main
+from pipeline.jobs.demo import QUICK, _reading, make_demo_datalist
+
+METRICS = ("acc", "pre", "rec", "f1", "sen", "spe", "auc")
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def _in_unit_range(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or 0.0 <= float(value) <= 1.0
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert "test ROC AUC" in capsys.readouterr().out
+
+    datalist = json.loads((out / "data" / "datalist.json").read_text())
+    test_ids = {item["case_id"] for item in datalist["test"]}
+    assert (out / "models" / "model.pt").is_file()
+
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["volume"]["count"] == len(test_ids)
+    assert metrics["slice"]["volumes"] == len(test_ids)
+    for level in ("volume", "slice"):
+        assert all(_in_unit_range(metrics[level][name]) for name in METRICS), metrics[level]
+        assert sum(map(sum, metrics[level]["confusion_matrix"])) == metrics[level]["count"]
+
+    predictions = _read(out / "inference" / "predictions.csv")
+    assert {row["case_id"] for row in predictions} == test_ids
+    assert _read(out / "inference" / "errors.csv") == []
+    for row in predictions:
+        assert 0.0 <= float(row["prob_covid"]) <= 1.0
+        assert len(_read(out / "inference" / row["case_id"] / "slice_attention.csv")) == QUICK.slices
+
+    report = (out / "report.md").read_text()
+    for heading in (
+        "## Metrics",
+        "## ROC curves",
+        "## Training curves",
+        "## Slice attention of test volumes",
+    ):
+        assert heading in report
+    assert re.search(r"\| ROC AUC \| [0-9.na/-]+ \| [0-9.na/-]+ \|", report)
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert len(images) >= 2 + 1  # ROC, training curves, at least one attention figure
+    for image in images:
+        assert matplotlib.image.imread(out / image).ndim == 3
+
+
+def test_demo_datalist_merges_real_and_phantom_volumes(tmp_path: Path, real_ct_dir: Path) -> None:
+    settings = QUICK
+    path, counts = make_demo_datalist(tmp_path, settings, real_ct_dir)
+    datalist = json.loads(path.read_text())
+    items = [item for split in datalist.values() for item in split]
+    assert counts == {"real": 8, "phantom": 8}
+    assert len(items) == 16 and len({item["case_id"] for item in items}) == 16
+    assert all((tmp_path / item["image"]).is_file() for item in items)
+    for split in ("training", "validation", "test"):
+        sources = {item["case_id"].split("_")[0] for item in datalist[split]}
+        labels = {item["label"] for item in datalist[split]}
+        assert sources == {"real", "phantom"} and labels == {0, 1}
+
+
+def test_demo_without_the_real_ct_uses_phantoms_only(tmp_path: Path) -> None:
+    path, counts = make_demo_datalist(tmp_path, QUICK, tmp_path / "missing")
+    assert counts == {"phantom": 16}
+    assert all(
+        item["case_id"].startswith("phantom_")
+        for items in json.loads(path.read_text()).values()
+        for item in items
+    )
+
+
+def test_report_reads_a_chance_level_auc_as_not_learned() -> None:
+    assert _reading(None) == [] and _reading(0.95) == []
+    heading, paragraph = _reading(0.52)
+    assert heading == "## Reading" and "0.520 is near chance" in paragraph
+    assert "docs/results.md" in paragraph and "pretrained" in paragraph
