@@ -30,6 +30,7 @@ import numpy as np
 
 __all__ = [
     "DatalistError",
+    "axial_axis",
     "axial_slice_count",
     "check_datalist",
     "check_image_file",
@@ -58,7 +59,7 @@ class DatalistError(ValueError):
         super().__init__(f"{source}: {count} problem{'s' if count != 1 else ''} in the data list:\n{listing}")
 
 
-def _axial_axis(directions: np.ndarray) -> int:
+def axial_axis(directions: np.ndarray) -> int:
     """Index of the voxel axis that runs most nearly head-feet, from 3 direction columns."""
     return int(np.argmax(np.abs(np.asarray(directions, dtype=float)[2, :3])))
 
@@ -70,7 +71,7 @@ def _nifti_slice_count(path: Path) -> int:
     shape = image.header.get_data_shape()
     if len(shape) < 3:
         raise ValueError(f"a 2D image (shape {tuple(shape)}), not a CT volume")
-    return int(shape[_axial_axis(image.affine[:3, :3])])
+    return int(shape[axial_axis(image.affine[:3, :3])])
 
 
 def _itk_file_slice_count(path: Path) -> int:
@@ -86,7 +87,7 @@ def _itk_file_slice_count(path: Path) -> int:
     if ndim < 3:
         raise ValueError(f"a 2D image (shape {tuple(shape)}), not a CT volume")
     directions = np.array([image_io.GetDirection(axis)[:3] for axis in range(3)]).T
-    return int(shape[_axial_axis(directions)])
+    return int(shape[axial_axis(directions)])
 
 
 def _dicom_series_files(folder: Path, series_uid: str | None) -> list[str]:

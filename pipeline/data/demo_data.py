@@ -128,11 +128,17 @@ def write_nifti(path: str | os.PathLike, hu: np.ndarray, affine: np.ndarray) -> 
 
 
 def split_volumes(
-    n_positive: int, n_negative: int, val_fraction: float, test_fraction: float, seed: int
+    n_positive: int,
+    n_negative: int,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    unit: str = "volumes",
 ) -> dict[str, dict[int, list[int]]]:
     """Assign volume indices of each class to the training, validation and test splits.
 
     Each class is split on its own (shuffled with ``seed``), so every split holds both classes.
+    ``unit`` names what is split in the error message (``"patients"`` for a collection).
 
     Returns:
         ``{split: {label: [indices]}}`` for the splits ``training``, ``validation`` and ``test``.
@@ -154,8 +160,8 @@ def split_volumes(
         n_train = count - n_val - n_test
         if n_train < 1:
             raise ValueError(
-                f"{count} {name} volumes cannot fill the training, validation and test splits "
-                f"({n_val} validation and {n_test} test volumes leave {n_train} for training): "
+                f"{count} {name} {unit} cannot fill the training, validation and test splits "
+                f"({n_val} validation and {n_test} test {unit} leave {n_train} for training): "
                 f"make at least {n_val + n_test + 1}"
             )
         order = rng.permutation(count)

@@ -17,11 +17,9 @@ the same folder, then renamed, so a reader never sees a half-written file.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +28,7 @@ import torch
 from monai.data import decollate_batch
 from monai.utils import min_version, optional_import
 
-from pipeline.data.atomic_files import atomic_write_text
+from pipeline.data.atomic_files import atomic_write_csv
 from pipeline.data.cases import safe_case_id, unique_case_ids
 from pipeline.workflow.inference import ERROR_KEY
 from pipeline.workflow.metrics import slice_predictions
@@ -57,13 +55,8 @@ PREDICTION_COLUMNS = ("case_id", "image", "prob_covid", "pred", "n_slices", "top
 ERROR_COLUMNS = ("image", "error")
 
 
-def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Write a CSV file with a header row, atomically (see :func:`atomic_write_text`)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+write_csv = atomic_write_csv
+"""Write a CSV file with a header row, atomically (:func:`~pipeline.data.atomic_files.atomic_write_csv`)."""
 
 
 def top_slices(attention: np.ndarray, slice_indices: np.ndarray, k: int) -> list[int]:
