@@ -29,8 +29,9 @@ from monai.transforms import Compose
 from torch import Tensor, nn
 
 from networks import ResNextPlus
+from pipeline.data.base_ct import resolve_base_ct
 from pipeline.data.datalist import load_datalist
-from pipeline.jobs.demo import DEFAULT, DEFAULT_BASE_CT, make_demo_datalist
+from pipeline.jobs.demo import DEFAULT, make_demo_datalist
 from pipeline.workflow.preprocessing import evaluation_transforms
 
 
@@ -120,7 +121,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    datalist, _ = make_demo_datalist(args.out / "data", DEFAULT, DEFAULT_BASE_CT)
+    datalist, _ = make_demo_datalist(args.out / "data", DEFAULT, resolve_base_ct())
     data = {split: load_split(datalist, split, DEFAULT.size) for split in ("training", "test")}
     volumes, labels = data["test"]
     lung_mean = (volumes[:, 0] * volumes[:, 1]).sum((1, 2, 3)) / volumes[:, 1].sum((1, 2, 3))

@@ -24,9 +24,11 @@ from scipy import ndimage
 from skimage.morphology import convex_hull_image
 from skimage.segmentation import clear_border
 
+from pipeline.data.base_ct import cached_base_ct
 from transforms import LungMask, segment_lungs
 
-DEFAULT_SERIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lung-pet-ct-dx-A0001"
+DEFAULT_SERIES = cached_base_ct()
+"""The demo's real CT in the cache (``python -m pipeline fetch-base-ct``)."""
 THRESHOLD_HU = -600.0
 DILATION_MM = 5.0
 

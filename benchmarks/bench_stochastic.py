@@ -20,20 +20,20 @@ import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numba
 import numpy as np
 from skimage.transform import resize
 from stochastic_baseline import baseline_layers  # the sibling module: run as a script from anywhere
 
+from pipeline.data.base_ct import cached_base_ct
 from transforms import StochasticEnhance
 from transforms import _stochastic_kernels as kernels
 from transforms.stochastic_enhance import sobel_magnitude
 from transforms.tone_map import LUNG_WINDOW_HU
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CT_SERIES = REPO_ROOT.parent / "shared" / "data" / "lung-pet-ct-dx-A0001"
+CT_SERIES = cached_base_ct()
+"""The demo's real CT in the cache (``python -m pipeline fetch-base-ct``); a phantom slice without it."""
 
 
 def ct_slice() -> tuple[np.ndarray, str]:

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+from pipeline.data.base_ct import BASE_CT_SERIES, CACHE_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "bundles" / "covid19_ct_resnextplus"
 REAL_CT_DIR = REPO_ROOT.parent / "shared" / "data" / "lung-pet-ct-dx-A0001"
 METADATA_SCHEMA = REPO_ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Use ``../shared/data`` as the base-CT cache when it holds the series and no cache is set.
+
+    This repository's CI keeps the demo's real CT there, named as the cache names it, so the
+    demo and the accuracy study build on it by default, as they do for a user after
+    ``python -m pipeline fetch-base-ct``.
+    """
+    if (REAL_CT_DIR.parent / BASE_CT_SERIES.name).is_dir():
+        os.environ.setdefault(CACHE_ENV, os.fspath(REAL_CT_DIR.parent))
 
 
 @pytest.fixture(scope="session")

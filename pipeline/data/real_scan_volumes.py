@@ -22,10 +22,7 @@ from pipeline.data.phantom import add_scanner_noise
 from transforms.lung_mask import segment_lungs
 from transforms.validation import InvalidVolumeError, check_hu
 
-__all__ = ["DEFAULT_BASE_CT", "BaseScan", "load_base_scan", "make_base_volume"]
-
-DEFAULT_BASE_CT = Path(__file__).resolve().parents[3] / "shared" / "data" / "lung-pet-ct-dx-A0001"
-"""The real chest CT the demo builds on when it is there (Lung-PET-CT-Dx A0001, a DICOM series)."""
+__all__ = ["BaseScan", "load_base_scan", "make_base_volume"]
 
 BASE_EXTRA_NOISE_HU = (0.0, 12.0)
 """Standard deviation of the noise added on top of the real scan's own."""

@@ -44,11 +44,11 @@ from typing import Any
 import torch
 
 from pipeline.data.atomic_files import atomic_write_text
+from pipeline.data.base_ct import AUTO_BASE_CT, resolve_base_ct
 from pipeline.export.results_tables import RunResult, render_results
 from pipeline.jobs.demo import (
     BUNDLE_DIR,
     DEFAULT,
-    DEFAULT_BASE_CT,
     DemoSettings,
     learning_rate_text,
     make_demo_datalist,
@@ -434,7 +434,7 @@ def run_accuracy_benchmark(
     out_dir: str | os.PathLike = "runs/accuracy",
     budget: Budget | str = "cpu",
     seed: int = 0,
-    base_ct: str | os.PathLike | None = DEFAULT_BASE_CT,
+    base_ct: str | os.PathLike | None = AUTO_BASE_CT,
     runs: Sequence[RunSpec] = RUNS,
     command: str = "python -m pipeline benchmark-accuracy",
     on_run: Callable[[str, RunResult | None], None] | None = None,
@@ -447,7 +447,8 @@ def run_accuracy_benchmark(
             ``results.json``.
         budget: a :class:`Budget` or the name of one in :data:`BUDGETS`.
         seed: seed of the data, the split and every run's training.
-        base_ct: the real chest CT to insert lesions into; phantoms only when ``None`` or missing.
+        base_ct: the real chest CT to insert lesions into; by default the series in the cache
+            (:func:`pipeline.data.base_ct.resolve_base_ct`); phantoms only when ``None`` or missing.
         runs: the runs to make (all six by default); the tables show those made.
         command: the command line recorded in ``results.md``.
         on_run: called with a run's name before it starts (result ``None``) and when it is done.
@@ -458,7 +459,8 @@ def run_accuracy_benchmark(
     budget = BUDGETS[budget] if isinstance(budget, str) else budget
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = Path(base_ct) if base_ct is not None and Path(base_ct).exists() else None
+    base_ct = resolve_base_ct(base_ct)
+    base = base_ct if base_ct is not None and base_ct.exists() else None
     fingerprint = _fingerprint(budget, seed, base)
     start_all = time.perf_counter()
 

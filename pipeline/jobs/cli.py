@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.data.real_scan_volumes import DEFAULT_BASE_CT
+from pipeline.data.base_ct import AUTO_BASE_CT, CACHE_ENV
 
 
 def _make_demo_data(args: argparse.Namespace) -> int:
@@ -30,6 +30,8 @@ def _make_demo_data(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pipeline.jobs.demo import DEFAULT, QUICK, run_demo, summary_line, with_overrides
 
+    if args.fetch_base_ct and not args.phantoms_only and os.fspath(args.base_ct) == AUTO_BASE_CT:
+        _fetch_or_say_why(None, then="; the demo goes on with phantoms only")
     settings = with_overrides(QUICK if args.quick else DEFAULT, seed=args.seed)
     command = "python -m pipeline demo" + (" --quick" if args.quick else "")
     base_ct = _base_ct(args)
@@ -75,15 +77,42 @@ def _add_base_ct_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-ct",
         type=Path,
-        default=DEFAULT_BASE_CT,
-        help="real CT (NIfTI file or DICOM folder, in HU) to insert lesions into; phantoms only when absent",
+        default=Path(AUTO_BASE_CT),
+        help="real CT (NIfTI file or DICOM folder, in HU) to insert lesions into (default: the series "
+        f"fetched by `python -m pipeline fetch-base-ct` into ${CACHE_ENV} "
+        "or ~/.cache/covid19-ct-resnextplus; "
+        "phantoms only when absent)",
     )
     parser.add_argument("--phantoms-only", action="store_true", help="do not use the real CT")
 
 
 def _base_ct(args: argparse.Namespace) -> Path | None:
     """The real CT chosen by :func:`_add_base_ct_arguments`' options (``None``: phantoms only)."""
-    return None if args.phantoms_only else args.base_ct
+    from pipeline.data.base_ct import resolve_base_ct
+
+    return None if args.phantoms_only else resolve_base_ct(args.base_ct)
+
+
+def _fetch_or_say_why(cache: Path | None, then: str = "") -> Path | None:
+    """Fetch the base CT into ``cache``; on failure print one line (ending in ``then``), return ``None``."""
+    from pipeline.data.base_ct import BaseCTChecksumError, BaseCTDownloadError, fetch_base_ct
+
+    try:
+        return fetch_base_ct(cache)
+    except (BaseCTDownloadError, BaseCTChecksumError) as error:
+        print(f"base CT not fetched: {error}{then}")
+        return None
+
+
+def _fetch_base_ct(args: argparse.Namespace) -> int:
+    from pipeline.data.base_ct import BASE_CT_SERIES
+
+    print(f"fetching {BASE_CT_SERIES.collection} {BASE_CT_SERIES.patient_id} ({BASE_CT_SERIES.citation})")
+    folder = _fetch_or_say_why(args.cache)
+    if folder is None:
+        return 1
+    print(f"base CT ready: {folder}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a one- to two-minute smoke run on tiny data")
     demo.add_argument("--seed", type=int, default=None, help="seed of the data and of training (default: 0)")
     _add_base_ct_arguments(demo)
+    demo.add_argument(
+        "--fetch-base-ct",
+        action="store_true",
+        help="first download the real CT into the cache (see fetch-base-ct); without network, phantoms",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
@@ -139,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
         "runs already finished with the same settings are reused, not retrained",
     )
     accuracy.set_defaults(func=_benchmark_accuracy)
+
+    fetch = commands.add_parser(
+        "fetch-base-ct",
+        help="download the demo's real chest CT (TCIA Lung-PET-CT-Dx A0001, CC BY 4.0, 34 MB) and check it",
+    )
+    fetch.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help=f"cache folder (default: ${CACHE_ENV}, else ~/.cache/covid19-ct-resnextplus)",
+    )
+    fetch.set_defaults(func=_fetch_base_ct)
+
     return parser
 
 

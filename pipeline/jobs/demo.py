@@ -3,9 +3,9 @@
 Everything runs through the bundle in ``bundles/covid19_ct_resnextplus`` with CPU-sized
 overrides, in this process (MONAI's ``ConfigWorkflow``):
 
-1. data: demo volumes with exact slice labels, half built from the real chest CT in
-   ``../shared/data`` (lesions inserted into its lungs) when it is there, half synthetic
-   phantoms; one merged ``datalist.json``;
+1. data: demo volumes with exact slice labels, half built from the real chest CT fetched by
+   ``python -m pipeline fetch-base-ct`` (lesions inserted into its lungs) when it is in the
+   cache (:mod:`pipeline.data.base_ct`), half synthetic phantoms; one merged ``datalist.json``;
 2. training: ``configs/train.json`` (best model by validation ROC AUC);
 3. evaluation: ``configs/train.json`` + ``configs/evaluate.json`` on the test split
    (``metrics.json``, volume and slice level);
@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.data.atomic_files import atomic_write_text
-from pipeline.data.real_scan_volumes import DEFAULT_BASE_CT
+from pipeline.data.base_ct import AUTO_BASE_CT, resolve_base_ct
 from pipeline.export.attention_export import ERRORS_FILE, PREDICTIONS_FILE
 from pipeline.export.figures import plot_roc, plot_training_curves
 from pipeline.export.report import AttentionExample, Report
@@ -439,7 +439,7 @@ def _reading(auc: float | None) -> list[str]:
 def run_demo(
     out_dir: str | os.PathLike = "runs/demo",
     settings: DemoSettings = DEFAULT,
-    base_ct: str | os.PathLike | None = DEFAULT_BASE_CT,
+    base_ct: str | os.PathLike | None = AUTO_BASE_CT,
     progress: bool = True,
     command: str = "python -m pipeline demo",
     on_stage: Callable[[str], None] | None = None,
@@ -449,8 +449,9 @@ def run_demo(
     Args:
         out_dir: the run's folder (created; earlier results in it are replaced).
         settings: the sizes of the run (:data:`DEFAULT`, :data:`QUICK`, or your own).
-        base_ct: the real chest CT to build realistic volumes from; phantoms only when it is
-            ``None`` or missing.
+        base_ct: the real chest CT to build realistic volumes from; by default the series
+            fetched into the cache (:func:`pipeline.data.base_ct.resolve_base_ct`); phantoms
+            only when it is ``None`` or missing.
         progress: show progress bars.
         command: the command line recorded in the report.
         on_stage: called with each stage's name as it starts.
@@ -480,7 +481,7 @@ def run_demo(
     try:
         with _quiet_logs():
             with stage("data"):
-                datalist, counts = make_demo_datalist(out_dir / "data", settings, base_ct)
+                datalist, counts = make_demo_datalist(out_dir / "data", settings, resolve_base_ct(base_ct))
             split_sizes = {split: len(items) for split, items in json.loads(datalist.read_text()).items()}
             checkpoint = out_dir / "models" / "model.pt"
             with stage("training"):

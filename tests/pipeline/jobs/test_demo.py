@@ -94,3 +94,25 @@ def test_report_reads_a_chance_level_auc_as_not_learned() -> None:
     heading, paragraph = _reading(0.52)
     assert heading == "## Reading" and "0.520 is near chance" in paragraph
     assert "docs/results.md" in paragraph and "pretrained" in paragraph
+
+
+def test_demo_fetch_without_network_says_so_and_goes_on_with_phantoms(tmp_path, monkeypatch, capsys):
+    import pipeline.data.base_ct as base_ct
+    import pipeline.jobs.demo as demo
+
+    monkeypatch.setattr(base_ct, "NBIA_IMAGE_URL", (tmp_path / "offline" / "{uid}.zip").as_uri())
+    monkeypatch.setenv(base_ct.CACHE_ENV, str(tmp_path / "cache"))
+    used = {}
+
+    def run_demo(out, settings, base_ct, **kwargs):
+        used["base_ct"] = base_ct
+        return "result"
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    monkeypatch.setattr(demo, "summary_line", lambda result: f"summary of {result}")
+    assert main(["demo", "--quick", "--fetch-base-ct", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("base CT not fetched: could not download file://")
+    assert lines[0].endswith("; the demo goes on with phantoms only")
+    assert lines[1:] == ["summary of result"]
+    assert used["base_ct"] is None
