@@ -115,6 +115,32 @@ def _fetch_base_ct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_datalist(args: argparse.Namespace) -> int:
+    from pipeline.data.collections import CollectionError, make_datalist
+
+    try:
+        result = make_datalist(
+            args.root,
+            args.out_dir,
+            layout=args.layout,
+            positive=args.positive,
+            negative=args.negative,
+            patient_regex=args.patient_regex,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+        )
+    except CollectionError as error:
+        raise SystemExit(f"make-datalist: {error}") from None
+    counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
+    print(f"{result.datalist}: {counts}; {result.failed} cases could not be used (see {result.errors})")
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m pipeline``."""
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
@@ -186,6 +212,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.set_defaults(func=_fetch_base_ct)
 
+    datalist = commands.add_parser(
+        "make-datalist",
+        help="datalist.json (training/validation/test by patient) and errors.csv "
+        "from a CT collection on disk",
+    )
+    datalist.add_argument("root", type=Path, help="the collection's folder (for --layout csv: the CSV file)")
+    datalist.add_argument("out_dir", type=Path, help="where datalist.json and errors.csv are written")
+    datalist.add_argument(
+        "--layout",
+        choices=("folders", "csv", "mosmed"),
+        required=True,
+        help="folders: ROOT/<class>/<case>; csv: image,label[,mask][,patient] rows; "
+        "mosmed: studies/CT-0..CT-4 with optional masks/",
+    )
+    datalist.add_argument(
+        "--positive",
+        type=_names,
+        default=[],
+        help="comma-separated positive class folders (folders) or label texts meaning 1 (csv), "
+        "e.g. covid,ncp",
+    )
+    datalist.add_argument(
+        "--negative",
+        type=_names,
+        default=None,
+        help="comma-separated negative class folders (folders; default: all others) "
+        "or label texts meaning 0 (csv)",
+    )
+    datalist.add_argument(
+        "--patient-regex",
+        default=None,
+        help="folders: regular expression finding the patient in a case's path below ROOT "
+        "(group 1 if any; default: the case's first path part below its class folder)",
+    )
+    datalist.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+    datalist.add_argument(
+        "--val-fraction", type=float, default=0.15, help="share of patients (default: 0.15)"
+    )
+    datalist.add_argument(
+        "--test-fraction", type=float, default=0.15, help="share of patients (default: 0.15)"
+    )
+    datalist.set_defaults(func=_make_datalist)
     return parser
 
 
