@@ -33,7 +33,8 @@ class SliceEncoder(nn.Module):
     """The per-slice CNN of Figure 1 ("ResNext+"): one 2048-d feature vector per slice.
 
     The CT channel goes through the backbone's (pretrainable) stem convolution, the lung mask
-    through its own untrained convolution of the same shape; the two maps are summed, then
+    through its own convolution of the same shape (random, or a copy of the CT stem once
+    pretrained weights are loaded: :meth:`init_mask_stem_from_ct_stem`); the two maps are summed, then
     batch-normalised, rectified and refined by CBAM before the max-pool and the ResNeXt stages.
 
     Args:
@@ -60,6 +61,17 @@ class SliceEncoder(nn.Module):
             nn.init.kaiming_normal_(self.mask_conv.weight, mode="fan_out", nonlinearity="relu")
         self.cbam: CBAM | None = CBAM(stem.out_channels, cbam_reduction, spatial_kernel) if use_cbam else None
         self.out_features = self.backbone.out_features
+
+    @torch.no_grad()
+    def init_mask_stem_from_ct_stem(self) -> None:
+        """Start the mask convolution from the CT stem's kernels (after loading pretrained weights).
+
+        A lung mask is a grey image too: the pretrained edge and blob detectors of the stem
+        respond to the lung outline from the first step, where a random kernel would feed
+        noise into the pretrained stages.
+        """
+        if self.mask_conv is not None:
+            self.mask_conv.weight.copy_(self.backbone.conv1.weight)
 
     def forward(self, slices: Tensor) -> Tensor:
         stem = self.backbone.conv1
@@ -112,7 +124,8 @@ class ResNextPlus(nn.Module):
         cbam_reduction: reduction ratio of CBAM's channel MLP.
         spatial_kernel: kernel size of CBAM's spatial convolution.
         pretrained: local file with torchvision ``resnext50_32x4d`` ImageNet weights for the
-            backbone (see :func:`~networks.pretrained.load_pretrained`), or ``None``.
+            backbone (see :func:`~networks.pretrained.load_pretrained`), or ``None``. The mask
+            convolution then starts as a copy of the (grey) CT stem.
         freeze_bn_stats: keep batch-norm running estimates fixed in training (the layers stay
             in eval mode; their affine weights still train). ``None``: frozen exactly when
             ``pretrained`` weights were loaded, since from scratch the initial estimates would
@@ -173,6 +186,7 @@ class ResNextPlus(nn.Module):
         )
         if pretrained is not None:
             load_pretrained(self.encoder.backbone, pretrained)
+            self.encoder.init_mask_stem_from_ct_stem()
 
     def train(self, mode: bool = True) -> ResNextPlus:
         """Set training mode; batch-norm layers stay in eval mode when their stats are frozen."""

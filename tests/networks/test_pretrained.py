@@ -180,3 +180,23 @@ def test_load_pretrained_rejects_non_state_dict(tmp_path):
 def test_load_pretrained_needs_a_backbone(tmp_path):
     with pytest.raises(TypeError, match="no ResNeXt backbone"):
         load_pretrained(torch.nn.Linear(2, 2), tmp_path / "any.pth")
+
+
+def test_resnextplus_takes_every_backbone_tensor_and_seeds_the_mask_stem_from_the_ct_stem(weights_file):
+    path, state = weights_file
+    model = ResNextPlus(pretrained=path)
+    backbone = model.encoder.backbone.state_dict()
+    grey_stem = state["conv1.weight"].sum(dim=1, keepdim=True)
+    assert len(backbone) == 318
+    for key, value in backbone.items():
+        torch.testing.assert_close(
+            value, grey_stem if key == "conv1.weight" else state[key], rtol=0, atol=0, msg=key
+        )
+    torch.testing.assert_close(model.encoder.mask_conv.weight, grey_stem, rtol=0, atol=0)
+    # a copy, not a shared tensor: the two stems train apart
+    assert model.encoder.mask_conv.weight.data_ptr() != model.encoder.backbone.conv1.weight.data_ptr()
+
+
+def test_resnextplus_from_scratch_keeps_a_random_mask_stem():
+    model = ResNextPlus()
+    assert not torch.equal(model.encoder.mask_conv.weight, model.encoder.backbone.conv1.weight)
