@@ -223,12 +223,17 @@ def _quiet_logs() -> Iterator[None]:
         logging.disable(previous)
 
 
-def run_bundle(config_files: Sequence[str | os.PathLike], overrides: Mapping[str, Any]) -> Any:
+def run_bundle(
+    config_files: Sequence[str | os.PathLike],
+    overrides: Mapping[str, Any],
+    before_run: Callable[[Any], None] | None = None,
+) -> Any:
     """Run a bundle workflow in this process: ``initialize``, ``run``, ``finalize``.
 
     Args:
         config_files: the config files, merged in order (as ``--config_file "[...]"``).
         overrides: ``id -> value`` pairs, as ``--id value`` on the command line.
+        before_run: called with the initialised workflow before it runs (to attach handlers).
 
     Returns:
         The finished ``ConfigWorkflow`` (its parsed components can be read back).
@@ -243,6 +248,8 @@ def run_bundle(config_files: Sequence[str | os.PathLike], overrides: Mapping[str
         **dict(overrides),
     )
     workflow.initialize()
+    if before_run is not None:
+        before_run(workflow)
     workflow.run()
     workflow.finalize()
     return workflow
