@@ -244,3 +244,45 @@ def test_make_datalist_command(tmp_path: Path, capsys: pytest.CaptureFixture[str
                 "covid",
             ]
         )
+
+
+@pytest.mark.slow
+def test_the_bundle_trains_on_a_made_datalist(tmp_path: Path, tiny_demo_dataset: Path) -> None:
+    """make-datalist, then train.json on its output: the extra fields (case_id, patient) pass through."""
+    import shutil
+
+    import torch
+
+    from pipeline.jobs.demo import BUNDLE_DIR, run_bundle
+
+    root = tmp_path / "collection"
+    for item in (
+        item
+        for items in json.loads((tiny_demo_dataset / "datalist.json").read_text()).values()
+        for item in items
+    ):
+        target = root / ("covid" if item["label"] else "normal") / Path(item["image"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_demo_dataset / item["image"], target)
+    out = tmp_path / "lists"
+    result = make_datalist(root, out, "folders", positive=["covid"], val_fraction=0.25, test_fraction=0.25)
+    assert result.failed == 0 and result.counts == {"training": 4, "validation": 2, "test": 2}
+
+    overrides = {
+        "bundle_root": str(BUNDLE_DIR),
+        "dataset_dir": str(out),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "eval"),
+        "cache_dir": "none",
+        "epochs": 1,
+        "num_workers": 0,
+        "progress_bar": False,
+        "num_slices": 4,
+        "resize_size": 36,
+        "spatial_size": 32,
+        "lstm_hidden": 8,
+        "fc_hidden": 16,
+    }
+    run_bundle([BUNDLE_DIR / "configs" / "train.json"], overrides)
+    checkpoint = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)
+    assert checkpoint["lr_scheduler"]["last_epoch"] == 4  # one step per training volume
