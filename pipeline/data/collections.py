@@ -153,8 +153,8 @@ def folder_collection(
         The cases, and the errors (class folders of neither kind, paths the regex misses).
 
     Raises:
-        CollectionError: ``root`` is not a folder, or a ``positive``/``negative`` name is no
-            class folder of it.
+        CollectionError: ``root`` is not a folder, a ``positive``/``negative`` name is no
+            class folder of it, or ``patient_regex`` does not compile.
     """
     root = Path(root)
     if not root.is_dir():
@@ -170,7 +170,12 @@ def folder_collection(
             f"{root}: no class folder {', '.join(map(repr, unknown))} (class folders: "
             f"{', '.join(p.name for p in folders.values()) or 'none'})"
         )
-    pattern = re.compile(patient_regex) if patient_regex else None
+    try:
+        pattern = re.compile(patient_regex) if patient_regex else None
+    except re.error as error:
+        raise CollectionError(
+            f"patient regex {patient_regex!r} is not a regular expression ({error})"
+        ) from None
     cases, errors = [], []
     for key, folder in folders.items():
         if key in positive_names:

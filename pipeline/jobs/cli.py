@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--positive",
         type=_names,
         default=[],
+        metavar="NAMES",
         help="comma-separated positive class folders (folders) or label texts meaning 1 (csv), "
         "e.g. covid,ncp",
     )
@@ -237,12 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--negative",
         type=_names,
         default=None,
+        metavar="NAMES",
         help="comma-separated negative class folders (folders; default: all others) "
         "or label texts meaning 0 (csv)",
     )
     datalist.add_argument(
         "--patient-regex",
         default=None,
+        metavar="REGEX",
         help="folders: regular expression finding the patient in a case's path below ROOT "
         "(group 1 if any; default: the case's first path part below its class folder)",
     )

@@ -121,6 +121,10 @@ def test_folders_layout_bad_roots_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "root" / "normal").mkdir(parents=True)
     with pytest.raises(CollectionError, match=r"no class folder 'covid' \(class folders: normal\)"):
         make_datalist(tmp_path / "root", tmp_path / "out", "folders", positive=["covid"])
+    with pytest.raises(CollectionError, match=r"patient regex '\(pat' is not a regular expression"):
+        make_datalist(
+            tmp_path / "root", tmp_path / "out", "folders", positive=["normal"], patient_regex="(pat"
+        )
 
 
 def test_csv_layout_with_masks_unknown_labels_and_wrong_mask_shapes(tmp_path: Path) -> None:
