@@ -41,7 +41,8 @@ def tone_curve(x: torch.Tensor, gamma: float = 1.5, a: float = 0.35) -> torch.Te
     """
     low = 0.5  # f(0)
     high = 1.0 / (1.0 + np.exp(-a))  # f(1)
-    return (torch.sigmoid(a * x.pow(1.0 / gamma)) - low) / (high - low)
+    # float32 rounding of the sigmoid can overshoot f(1) by an ulp: 1.0000001 at the top of the window
+    return ((torch.sigmoid(a * x.pow(1.0 / gamma)) - low) / (high - low)).clamp(0.0, 1.0)
 
 
 class ToneMap(Transform):

@@ -47,6 +47,19 @@ def test_window_maps_hu_to_unit_range_and_clips():
     np.testing.assert_allclose(out[0, 0, 0], expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("gamma, a", [(1.5, 0.35), (1.0, 0.35), (2.0, 1.0), (1.5, 0.05)])
+def test_float32_output_never_leaves_the_unit_range(gamma, a):
+    # the top of the window (and everything above it) maps to 1 within float32 rounding, never above
+    hu = np.concatenate([np.linspace(-2000.0, 1000.0, 20001), [150.0, 150.0 - 1e-3]]).astype(np.float32)
+    for image in (hu, torch.as_tensor(hu), MetaTensor(torch.as_tensor(hu))):
+        out = torch.as_tensor(ToneMap(gamma=gamma, a=a)(image.reshape(1, 1, 1, -1)))
+        assert out.dtype == torch.float32
+        assert float(out.min()) == 0.0
+        assert 1.0 - 1e-5 <= float(out.max()) <= 1.0
+    unit = torch.linspace(0.0, 1.0, 100001)
+    assert float(tone_curve(unit, gamma, a).max()) <= 1.0
+
+
 def test_custom_window():
     hu = np.array([-1000.0, -500.0, 0.0], dtype=np.float32)
     out = ToneMap(window=(-1000.0, 0.0))(hu)
