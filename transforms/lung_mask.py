@@ -105,10 +105,9 @@ def find_lungs(
            3D, drop regions below ``min_component_ml`` and above the largest plausible lung volume, regions
            that lie mostly under another one (stomach and bowel gas under the domes of the lungs), and,
            when the others hold a plausible lung volume, the regions that reach the scan's bottom slice
-           (bowel gas). Keep the
-           largest region left and up to ``max_lungs - 1`` more whose volume is at least
-           ``min_lung_fraction`` of it (smaller gas pockets, table cavities). Refuse air that is wide open
-           at the scan's bottom but clear of its top (the scan bottom check). Fill enclosed cavities.
+           (bowel gas). Keep the largest region left and up to ``max_lungs - 1`` more whose volume is at
+           least ``min_lung_fraction`` of it (smaller gas pockets, table cavities). Refuse air that is wide
+           open at the scan's bottom but clear of its top (the scan bottom check). Fill enclosed cavities.
         3. Separate left and right lung where they touch only through thin parts (the airways, the junction
            lines in front of and behind the heart). Per lung, axial slice and connected piece, add the convex
            hull, unless it would be more than ``max_hull_ratio`` times the piece's area, and there only the
