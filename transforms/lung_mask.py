@@ -243,11 +243,12 @@ def _drop_border_air(air: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     min_run = _MIN_BODY_ON_SIDE_MM / np.array([spacing[1], spacing[1], spacing[0], spacing[0]])
     # Only slices where tissue runs along two sides of the image hold a body cut by the field of view.
     cut_slices = np.flatnonzero(_runs_along_sides(~air, min_run).sum(axis=0) >= 2)
-    areas_mm2 = np.bincount(labels.ravel(), minlength=count + 1) * float(np.prod(spacing[:2]))
-    cut = outside & ~sides.all(axis=0) & (areas_mm2 >= _MIN_CUT_LUNG_MM2)
+    open_sides = outside & ~sides.all(axis=0)
+    min_pixels = _MIN_CUT_LUNG_MM2 / float(np.prod(spacing[:2]))
     for z in cut_slices:
-        pieces = np.unique(labels[:, :, z])
-        pieces = pieces[cut[pieces]]
+        areas = np.bincount(labels[:, :, z].ravel())
+        pieces = np.flatnonzero(areas >= min_pixels)
+        pieces = pieces[open_sides[pieces]]
         if pieces.size:
             inside[:, :, z] |= _cut_lung(labels[:, :, z], pieces, sides, ~air[:, :, z], min_run)
     return inside
@@ -319,13 +320,13 @@ def _largest_regions(
     (:func:`_under_another`) are gas below the diaphragm; of the rest, those that reach the scan's bottom
     slice are bowel gas when the others hold at least ``min_lungs_l`` litres, as lungs do.
     """
-    labels, _ = ndimage.label(air)
+    labels, count = ndimage.label(air)
     volumes_l = np.bincount(labels.ravel()) * (voxel_ml / 1000.0)
     volumes_l[0] = 0.0
     candidates = [int(i) for i in np.argsort(volumes_l)[::-1] if min_l <= volumes_l[i] <= max_l]
     if len(candidates) > 1:
         up = labels if head_last else labels[:, :, ::-1]
-        under = _under_another(up, candidates)
+        under = _under_another(up, count, candidates)
         candidates = [i for i in candidates if i not in under]
         at_bottom = set(np.unique(up[:, :, 0]).tolist())
         if sum(volumes_l[i] for i in candidates if i not in at_bottom) >= min_lungs_l:
@@ -354,7 +355,7 @@ def _check_not_only_at_bottom(lungs: np.ndarray, head_last: bool, name: str) -> 
         )
 
 
-def _under_another(labels: np.ndarray, candidates: list[int]) -> set[int]:
+def _under_another(labels: np.ndarray, count: int, candidates: list[int]) -> set[int]:
     """The candidate regions with most of their footprint under another candidate (slice index 0 = feet).
 
     A region lies under another in a column (x, y) when the other has voxels higher up in that column than
@@ -362,15 +363,16 @@ def _under_another(labels: np.ndarray, candidates: list[int]) -> set[int]:
     other air region (the airways above it cover little of its footprint).
     """
     boxes = ndimage.find_objects(labels, max_label=max(candidates))
-    others = np.isin(labels, candidates)
+    is_candidate = np.zeros(count + 1, dtype=bool)
+    is_candidate[candidates] = True
     under = set()
     for index in candidates:
-        box = boxes[index - 1][:2]
-        region = labels[box] == index
+        column_labels = labels[boxes[index - 1][:2]]
+        region = column_labels == index
         footprint = region.any(axis=2)
         depth = labels.shape[2]
         top = depth - 1 - np.argmax(region[:, :, ::-1], axis=2)
-        other = others[box] & ~region
+        other = is_candidate[column_labels] & ~region
         other_top = np.where(other.any(axis=2), depth - 1 - np.argmax(other[:, :, ::-1], axis=2), -1)
         covered = np.count_nonzero(footprint & (other_top > top))
         if covered >= _MIN_UNDER_FRACTION * np.count_nonzero(footprint):
