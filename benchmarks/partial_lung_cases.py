@@ -86,7 +86,7 @@ def _abdomen_with_gas(
     lowest_lung = np.bincount(base.ravel())[1:].argmax() + 1
     cx, cy = (np.argwhere(base == lowest_lung).mean(axis=0) * spacing[:2]).tolist()
     top_mm = (ABDOMEN_SLICES + 2) * spacing[2]
-    stomach = ((x - cx) / 55.0) ** 2 + ((y - cy) / 45.0) ** 2 + ((z - (top_mm - 40.0)) / 40.0) ** 2 <= 1.0
+    stomach = ((x - cx) / 60.0) ** 2 + ((y - cy) / 50.0) ** 2 + ((z - (top_mm - 32.0)) / 32.0) ** 2 <= 1.0
     body_3d = np.repeat(body[:, :, None], low.shape[2], axis=2)
     colon = (np.abs(x - x[body_3d].mean()) <= 60.0) & (
         (y - (y[body_3d].min() + 70.0)) ** 2 + (z - 3.0 * spacing[2]) ** 2 <= 12.0**2

@@ -328,6 +328,21 @@ def test_real_series_lungs(real_series, real_ct_dir):
     assert np.count_nonzero(lungs & (hu > -100)) <= 0.2 * np.count_nonzero(lungs)  # heart not swallowed
 
 
+def test_gas_at_the_scan_bottom_is_left_out():
+    phantom = make_phantom(seed=2, airway_bridge=True)  # one lung region: any other could be kept beside it
+    axes = ((np.arange(n) - (n - 1) / 2) * s for n, s in zip(SHAPE, SPACING, strict=True))
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    gas = ((x - 5) / 40) ** 2 + ((y - 88) / 10) ** 2 + ((z + 93) / 12) ** 2 <= 1.0  # in front of the heart
+    assert not np.any(gas & phantom.lungs.any(axis=2, keepdims=True))  # under no lung: only the bottom tells
+    hu = np.where(gas, -1000.0, phantom.hu).astype(np.float32)
+    options = {"dilation_mm": 0.0, "min_lung_fraction": 0.001, "max_lungs": 3}  # the table core is a third
+
+    lungs = segment_lungs(hu, SPACING, **options)
+
+    assert not np.any(lungs & gas) and dice(lungs, phantom.lungs) >= 0.95
+    assert np.all(segment_lungs(hu, SPACING, head_last=False, **options)[gas])  # at the top it would be kept
+
+
 def test_air_wide_open_at_the_scan_bottom_only_is_not_trusted(phantom):
     upper_half = phantom.hu[:, :, SHAPE[2] // 2 :]  # the scan stops inside the lungs: their cut is wide
     image = MetaTensor(torch.from_numpy(upper_half[None].copy()), affine=torch.from_numpy(phantom.affine))
