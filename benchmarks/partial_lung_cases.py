@@ -7,8 +7,10 @@ keeps. The cases are the scans a chest-only design forgets:
 
 - ``lung bases``: the series' lowest 16 slices alone (80 mm: the liver and stomach region, the diaphragm
   domes and the lower lobes), as in an abdominal scan that holds only the lung bases.
-- ``abdomen + bases, gas``: the same bases above 12 abdomen slices (60 mm) with a stomach-gas pocket
-  under the dome of one lung and bowel gas, one loop reaching the scan's bottom.
+- ``abdomen + bases, gas``: the same bases above 12 abdomen slices (60 mm) with a gas-distended stomach
+  (about 0.36 l, as after effervescent granules: as much air as either lung base) under the dome of one
+  lung, clear of the scan's bottom, and bowel gas (a transverse colon, a bubble, a loop reaching the
+  scan's bottom).
 - ``chest + gas below``: the whole series above the same abdomen slices and gas.
 - ``small field of view``: the whole series seen through a 220 mm wide window that cuts about 30 mm off
   the side of each lung (the depth from sternum to spine is kept).
