@@ -1,6 +1,7 @@
 """Torch modules of the ResNext+ network."""
 
 from networks.cbam import CBAM, ChannelAttention, SpatialAttention
+from networks.checkpoint_contents import NoModelWeightsError, describe_contents, require_model_weights
 from networks.pretrained import PretrainedLoadResult, load_pretrained
 from networks.resnext import Bottleneck, ResNeXt, resnext50_32x4d
 from networks.resnext_plus import ResNextPlus, SliceEncoder
@@ -11,12 +12,15 @@ __all__ = [
     "Bottleneck",
     "ChannelAttention",
     "MeanSlicePooling",
+    "NoModelWeightsError",
     "PretrainedLoadResult",
     "ResNeXt",
     "ResNextPlus",
     "SliceAttention",
     "SliceEncoder",
     "SpatialAttention",
+    "describe_contents",
     "load_pretrained",
+    "require_model_weights",
     "resnext50_32x4d",
 ]

@@ -12,13 +12,13 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from networks.checkpoint_contents import describe_contents, require_model_weights
 from networks.resnext import ResNeXt
 
 __all__ = ["PretrainedLoadResult", "load_pretrained"]
@@ -72,8 +72,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedLoad
 
     Raises:
         FileNotFoundError: the file does not exist (no download is attempted).
-        ValueError: the file holds no state dict, holds pickled Python objects (refused unread:
-            it is loaded with ``weights_only=True``), or a tensor's shape differs from the
+        NoModelWeightsError: the file holds no ResNeXt weights (a ``ValueError``; the one-line
+            message says what the file holds).
+        ValueError: the file holds values other than tensors, holds pickled Python objects (refused
+            unread: it is loaded with ``weights_only=True``), or a tensor's shape differs from the
             backbone's (every such key is named with both shapes).
         TypeError: ``model`` holds no ResNeXt backbone.
     """
@@ -93,8 +95,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedLoad
             f"{file}: refused: the file holds {what}, and pretrained weights are loaded as weights only "
             "(torch.load weights_only=True); nothing in it was run"
         ) from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{file} does not hold a state dict of tensors (got {type(state).__name__})")
+    require_model_weights(state, backbone, os.fspath(file))
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file} does not hold a state dict of tensors: {describe_contents(state)}")
 
     target = backbone.state_dict()
     source = {k: v for k, v in state.items() if not k.startswith(SKIPPED_PREFIXES)}

@@ -48,6 +48,16 @@ _IN_PLANE[:, :, 1] = True
 _SEPARATION_GRID_MM = 2.0
 _SEPARATION_STEP_MM = 2.0
 _SEPARATION_MAX_DEPTH_MM = 16.0
+# Air reaching the image border is kept as lung cut by the field of view when it is this large and at least
+# this share of it lies inside the body's outline.
+_MIN_CUT_LUNG_MM2 = 500.0
+_MIN_INSIDE_OUTLINE = 0.5
+_MIN_BODY_ON_SIDE_MM = 50.0
+_OUTLINE_STEP = 4
+# An air region with at least this share of its footprint under another one is gas below the diaphragm.
+_MIN_UNDER_FRACTION = 0.5
+# Air whose cross-section in the scan's bottom slice is at least this share of its largest is not lung tips.
+_MAX_BOTTOM_SHARE = 0.25
 
 
 class NoLungFoundError(InvalidVolumeError):
@@ -82,6 +92,7 @@ def find_lungs(
     max_hull_ratio: float = 2.0,
     max_hull_depth_mm: float = 20.0,
     dilation_mm: float = 5.0,
+    head_last: bool = True,
     name: str = "<array>",
 ) -> LungSegmentation:
     """Segment the lungs of a CT volume and measure their volume.
@@ -89,10 +100,14 @@ def find_lungs(
     Steps:
         1. Gaussian smoothing (``smooth_sigma_mm``, physical units) and threshold below ``threshold_hu``.
         2. Per axial slice, drop the air connected to the image border (outside the body, also when the
-           airways reach the nose at the top of a long scan). In 3D, drop regions below
-           ``min_component_ml`` and above the largest plausible lung volume; keep the largest region and up to
-           ``max_lungs - 1`` more whose volume is at least ``min_lung_fraction`` of it (bowel gas, table
-           cavities and the like are smaller). Fill enclosed cavities.
+           airways reach the nose at the top of a long scan), but keep lung that a small field of view cuts
+           through (air inside the outline of a body that itself runs along those sides of the image). In
+           3D, drop regions below ``min_component_ml`` and above the largest plausible lung volume, regions
+           that lie mostly under another one (stomach and bowel gas under the domes of the lungs), and,
+           when the others hold a plausible lung volume, the regions that reach the scan's bottom slice
+           (bowel gas). Keep the largest region left and up to ``max_lungs - 1`` more whose volume is at
+           least ``min_lung_fraction`` of it (smaller gas pockets, table cavities). Refuse air that is wide
+           open at the scan's bottom but clear of its top (the scan bottom check). Fill enclosed cavities.
         3. Separate left and right lung where they touch only through thin parts (the airways, the junction
            lines in front of and behind the heart). Per lung, axial slice and connected piece, add the convex
            hull, unless it would be more than ``max_hull_ratio`` times the piece's area, and there only the
@@ -115,13 +130,16 @@ def find_lungs(
         max_hull_depth_mm: a region the hull adds is dropped when part of it lies farther than this from
             the lung.
         dilation_mm: dilation radius; 0 returns the lungs themselves.
+        head_last: the axial slices run from the feet (index 0) to the head, as in RAS orientation;
+            ``False`` for head first.
         name: source of the volume, for error messages.
 
     Returns:
         The dilated mask, the volume of the lungs before dilation and the number of lungs told apart.
 
     Raises:
-        NoLungFoundError: no plausible lung inside the body.
+        NoLungFoundError: no plausible lung inside the body (lung volume check), or air that reaches the
+            scan's bottom only (scan bottom check); the message names the check.
         InvalidVolumeError: wrong dimensions or spacing.
     """
     volume_hu = np.asarray(volume_hu)
@@ -134,16 +152,18 @@ def find_lungs(
     voxel_ml = float(np.prod(spacing)) / 1000.0
 
     air = _smooth(volume_hu, smooth_sigma_mm, spacing) < threshold_hu
-    inside_air = _drop_border_air(air)
+    inside_air = _drop_border_air(air, spacing)
     lungs, volumes_l = _largest_regions(
-        inside_air, voxel_ml, min_component_ml / 1000.0, max_l, max_lungs, min_lung_fraction
+        inside_air, voxel_ml, min_component_ml / 1000.0, max_l, max_lungs, min_lung_fraction, min_l, head_last
     )
     found_l = float(sum(volumes_l))
     if not volumes_l or found_l < min_l:
         raise NoLungFoundError(
-            f"{name}: no lung found: the air inside the body (below {threshold_hu:g} HU) holds "
-            f"{found_l:.3g} l in its largest plausible region(s), less than the {min_l:g} l expected of lungs"
+            f"{name}: no lung found (lung volume check): the air inside the body (below {threshold_hu:g} "
+            f"HU) holds {found_l:.3g} l in its largest plausible region(s), less than the {min_l:g} l "
+            "expected of lungs"
         )
+    _check_not_only_at_bottom(lungs, head_last, name)
 
     box = _bounding_box(lungs, margin=_dilation_margin(dilation_mm, spacing), shape=lungs.shape)
     lung_labels, num_lungs = _separate_lungs(
@@ -171,6 +191,7 @@ def segment_lungs(
     max_hull_ratio: float = 2.0,
     max_hull_depth_mm: float = 20.0,
     dilation_mm: float = 5.0,
+    head_last: bool = True,
     name: str = "<array>",
 ) -> np.ndarray:
     """Boolean lung mask ``(H, W, D)`` of a CT volume in HU; :func:`find_lungs` explains steps and arguments.
@@ -192,6 +213,7 @@ def segment_lungs(
         max_hull_ratio=max_hull_ratio,
         max_hull_depth_mm=max_hull_depth_mm,
         dilation_mm=dilation_mm,
+        head_last=head_last,
         name=name,
     ).mask
 
@@ -205,14 +227,81 @@ def _smooth(volume: np.ndarray, sigma_mm: float, spacing: np.ndarray) -> np.ndar
     return ndimage.gaussian_filter(volume, sigma=sigma_voxels, truncate=3.0)
 
 
-def _drop_border_air(air: np.ndarray) -> np.ndarray:
-    """Air not connected, within its axial slice, to the in-plane border of the image."""
-    labels, _ = ndimage.label(air, structure=_IN_PLANE)
-    outside = np.zeros(labels.max() + 1, dtype=bool)
+def _drop_border_air(air: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Air not connected, within its axial slice, to the in-plane border of the image, except lung cut by it.
+
+    Air around the body reaches the border. So does a lung that a small field of view cuts through; such a
+    piece of air is kept when the body (the slice's largest tissue region) runs 50 mm or more along
+    every side of the image that the piece reaches, and at least half of the piece lies inside the body's
+    convex hull. In a field of view that holds the whole body, only the table may touch a side at length.
+    """
+    labels, count = ndimage.label(air, structure=_IN_PLANE)
+    sides = _sides_reached(labels, count)
+    outside = sides.any(axis=0)
     outside[0] = True
-    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        outside[edge] = True
-    return ~outside[labels]
+    inside = ~outside[labels]
+    min_run = _MIN_BODY_ON_SIDE_MM / np.array([spacing[1], spacing[1], spacing[0], spacing[0]])
+    # Only slices where tissue runs along two sides of the image hold a body cut by the field of view.
+    cut_slices = np.flatnonzero(_runs_along_sides(~air, min_run).sum(axis=0) >= 2)
+    open_sides = outside & ~sides.all(axis=0)
+    min_pixels = _MIN_CUT_LUNG_MM2 / float(np.prod(spacing[:2]))
+    for z in cut_slices:
+        areas = np.bincount(labels[:, :, z].ravel())
+        pieces = np.flatnonzero(areas >= min_pixels)
+        pieces = pieces[open_sides[pieces]]
+        if pieces.size:
+            inside[:, :, z] |= _cut_lung(labels[:, :, z], pieces, sides, ~air[:, :, z], min_run)
+    return inside
+
+
+def _cut_lung(
+    labels: np.ndarray, pieces: np.ndarray, sides: np.ndarray, tissue: np.ndarray, min_run: np.ndarray
+) -> np.ndarray:
+    """The pieces of a slice (labels reaching the sides ``sides``) that are lung cut by the field of view."""
+    kept = np.zeros(labels.shape, dtype=bool)
+    regions, count = ndimage.label(tissue)
+    if count == 0:
+        return kept
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0
+    body = regions == sizes.argmax()
+    body_sides = _runs_along_sides(body, min_run)
+    outline = None
+    for index in pieces:
+        if np.any(sides[:, index] & ~body_sides):
+            continue
+        outline = _convex_outline(body) if outline is None else outline
+        piece = labels == index
+        if np.count_nonzero(piece & outline) >= _MIN_INSIDE_OUTLINE * np.count_nonzero(piece):
+            kept |= piece
+    return kept
+
+
+def _runs_along_sides(region: np.ndarray, min_run: np.ndarray) -> np.ndarray:
+    """Whether ``region`` covers at least ``min_run`` pixels of each in-plane side (per slice in 3D)."""
+    return np.array(
+        [np.count_nonzero(edge, axis=0) >= run for edge, run in zip(_edges(region), min_run, strict=True)]
+    )
+
+
+def _sides_reached(labels: np.ndarray, count: int) -> np.ndarray:
+    """``(4, count + 1)``: which labels reach each in-plane side of the image (first/last row, column)."""
+    sides = np.zeros((4, count + 1), dtype=bool)
+    for side, edge in enumerate(_edges(labels)):
+        sides[side, edge] = True
+    return sides
+
+
+def _edges(image: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The in-plane sides of an image: first and last row, first and last column."""
+    return image[0], image[-1], image[:, 0], image[:, -1]
+
+
+def _convex_outline(region: np.ndarray) -> np.ndarray:
+    """Convex hull of a slice region, computed on a grid of every 4th pixel."""
+    hull = convex_hull_image(region[::_OUTLINE_STEP, ::_OUTLINE_STEP])
+    full = np.repeat(np.repeat(hull, _OUTLINE_STEP, axis=0), _OUTLINE_STEP, axis=1)
+    return full[: region.shape[0], : region.shape[1]]
 
 
 def _largest_regions(
@@ -222,17 +311,73 @@ def _largest_regions(
     max_l: float,
     max_regions: int,
     min_fraction: float,
+    min_lungs_l: float,
+    head_last: bool,
 ) -> tuple[np.ndarray, list[float]]:
-    """The largest 3D air regions of plausible size; returns their mask and volumes (litres)."""
-    labels, _ = ndimage.label(air)
+    """The largest 3D air regions of plausible size that are not gas below the lungs.
+
+    Returns their mask and volumes (litres). Of the regions of plausible size, those under another one
+    (:func:`_under_another`) are gas below the diaphragm; of the rest, those that reach the scan's bottom
+    slice are bowel gas when the others hold at least ``min_lungs_l`` litres, as lungs do.
+    """
+    labels, count = ndimage.label(air)
     volumes_l = np.bincount(labels.ravel()) * (voxel_ml / 1000.0)
     volumes_l[0] = 0.0
     candidates = [int(i) for i in np.argsort(volumes_l)[::-1] if min_l <= volumes_l[i] <= max_l]
+    if len(candidates) > 1:
+        up = labels if head_last else labels[:, :, ::-1]
+        under = _under_another(up, count, candidates)
+        candidates = [i for i in candidates if i not in under]
+        at_bottom = set(np.unique(up[:, :, 0]).tolist())
+        if sum(volumes_l[i] for i in candidates if i not in at_bottom) >= min_lungs_l:
+            candidates = [i for i in candidates if i not in at_bottom]
     largest_l = volumes_l[candidates[0]] if candidates else 0.0
     kept = candidates[:1] + [i for i in candidates[1:max_regions] if volumes_l[i] >= min_fraction * largest_l]
     keep = np.zeros(volumes_l.shape, dtype=bool)
     keep[kept] = True
     return keep[labels], [float(volumes_l[i]) for i in kept]
+
+
+def _check_not_only_at_bottom(lungs: np.ndarray, head_last: bool, name: str) -> None:
+    """Refuse air that is cut wide open by the scan's bottom slice but stays clear of its top slice.
+
+    Lungs end in thin tips at the bottom of a chest scan and reach the top of an abdominal one; air with a
+    wide cross-section at the bottom and none at the top is gas of the abdomen, or lungs of a scan that
+    stops inside them: either way the mask cannot be trusted.
+    """
+    areas = np.count_nonzero(lungs, axis=(0, 1))
+    bottom, top = (areas[0], areas[-1]) if head_last else (areas[-1], areas[0])
+    if top == 0 and bottom >= _MAX_BOTTOM_SHARE * areas.max():
+        raise NoLungFoundError(
+            f"{name}: no lung found (scan bottom check): the air found reaches the scan's bottom slice with "
+            f"{bottom / areas.max():.0%} of its largest cross-section and not its top slice: gas below the "
+            "diaphragm, or a scan that stops inside the lungs; the lung mask cannot be trusted"
+        )
+
+
+def _under_another(labels: np.ndarray, count: int, candidates: list[int]) -> set[int]:
+    """The candidate regions with most of their footprint under another candidate (slice index 0 = feet).
+
+    A region lies under another in a column (x, y) when the other has voxels higher up in that column than
+    the region's top. Gas in the stomach and bowel lies under the domes of the lungs; a lung lies under no
+    other air region (the airways above it cover little of its footprint).
+    """
+    boxes = ndimage.find_objects(labels, max_label=max(candidates))
+    is_candidate = np.zeros(count + 1, dtype=bool)
+    is_candidate[candidates] = True
+    under = set()
+    for index in candidates:
+        column_labels = labels[boxes[index - 1][:2]]
+        region = column_labels == index
+        footprint = region.any(axis=2)
+        depth = labels.shape[2]
+        top = depth - 1 - np.argmax(region[:, :, ::-1], axis=2)
+        other = is_candidate[column_labels] & ~region
+        other_top = np.where(other.any(axis=2), depth - 1 - np.argmax(other[:, :, ::-1], axis=2), -1)
+        covered = np.count_nonzero(footprint & (other_top > top))
+        if covered >= _MIN_UNDER_FRACTION * np.count_nonzero(footprint):
+            under.add(index)
+    return under
 
 
 def _dilation_margin(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
@@ -359,6 +504,13 @@ def _dilate(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarr
     return dilated
 
 
+def _head_last(img: NdarrayOrTensor) -> bool:
+    """Whether the last axis runs towards the head: the affine's z component of that axis (RAS or LPS)."""
+    if isinstance(img, MetaTensor):
+        return bool(img.affine[2, 2] >= 0)
+    return True
+
+
 def _spacing_of(img: NdarrayOrTensor, name: str) -> np.ndarray:
     if isinstance(img, MetaTensor):
         return np.asarray(img.pixdim, dtype=np.float64)[:3]
@@ -393,6 +545,8 @@ class LungMask(Transform):
             from the lung (the heart).
         dilation_mm: dilation radius in mm; 0 for the lungs themselves.
         spacing_mm: voxel size to use instead of the image's meta data.
+        head_last: whether the axial slices run from the feet to the head; ``None`` reads it from the
+            MetaTensor's affine (plain arrays: ``True``, as after ``Orientation("RAS")``).
         on_failure: ``"raise"`` raises :class:`NoLungFoundError` when no lung is found; ``"full"`` returns an
             all-ones mask, warns and records the reason under ``lung_mask_warning`` in the mask's meta data
             (``lung_volume_l`` is then NaN).
@@ -417,6 +571,7 @@ class LungMask(Transform):
         max_hull_depth_mm: float = 20.0,
         dilation_mm: float = 5.0,
         spacing_mm: Sequence[float] | None = None,
+        head_last: bool | None = None,
         on_failure: str = "raise",
         check_hu: bool = True,
     ) -> None:
@@ -438,6 +593,7 @@ class LungMask(Transform):
         self.max_hull_depth_mm = max_hull_depth_mm
         self.dilation_mm = dilation_mm
         self.spacing_mm = None if spacing_mm is None else tuple(float(s) for s in spacing_mm)
+        self.head_last = head_last
         self.on_failure = on_failure
         self.check_hu = check_hu
 
@@ -464,6 +620,7 @@ class LungMask(Transform):
                 max_hull_ratio=self.max_hull_ratio,
                 max_hull_depth_mm=self.max_hull_depth_mm,
                 dilation_mm=self.dilation_mm,
+                head_last=self.head_last if self.head_last is not None else _head_last(img),
                 name=name,
             )
             mask = result.mask
@@ -489,7 +646,7 @@ class LungMaskd(MapTransform):
         mask_key: key (or one key per image key) under which to store the uint8 mask ``(1, H, W, D)``.
         allow_missing_keys: don't raise when a key is missing.
         threshold_hu, smooth_sigma_mm, min_component_ml, lung_volume_l, max_lungs, min_lung_fraction,
-            max_hull_ratio, max_hull_depth_mm, dilation_mm, spacing_mm, on_failure, check_hu: see
+            max_hull_ratio, max_hull_depth_mm, dilation_mm, spacing_mm, head_last, on_failure, check_hu: see
             :class:`LungMask`.
     """
 
@@ -510,6 +667,7 @@ class LungMaskd(MapTransform):
         max_hull_depth_mm: float = 20.0,
         dilation_mm: float = 5.0,
         spacing_mm: Sequence[float] | None = None,
+        head_last: bool | None = None,
         on_failure: str = "raise",
         check_hu: bool = True,
     ) -> None:
@@ -526,6 +684,7 @@ class LungMaskd(MapTransform):
             max_hull_depth_mm=max_hull_depth_mm,
             dilation_mm=dilation_mm,
             spacing_mm=spacing_mm,
+            head_last=head_last,
             on_failure=on_failure,
             check_hu=check_hu,
         )

@@ -6,7 +6,8 @@
   weights are not finite.
 - :class:`CheckpointRestorer` restores a checkpoint when a run starts (the last training state
   to resume, or the model to evaluate), loading with ``torch.load(weights_only=True)`` only:
-  a file that carries pickled objects is refused with a clear message.
+  a file that carries pickled objects is refused with a clear message, and so, in one line
+  saying what it holds, is a file without the model's weights (a cached data item, say).
 - :class:`NonFiniteLossGuard` stops training with a clear message when the loss is NaN or
   infinite, or skips that step (no weight update, batch-norm estimates restored).
 - :class:`MetricsJsonWriter` writes an evaluator's metrics to a JSON file, atomically.
@@ -34,6 +35,7 @@ from ignite.handlers import Checkpoint, ProgressBar
 from monai.engines.utils import IterationEvents
 from torch import nn
 
+from networks.checkpoint_contents import describe_contents, require_model_weights
 from pipeline.data.atomic_files import atomic_torch_save, atomic_write_json
 from pipeline.workflow.checkpoints import load_checkpoint, non_finite_entries
 from pipeline.workflow.distributed import is_main_process
@@ -260,7 +262,13 @@ class CheckpointRestorer:
             checkpoint = {name: checkpoint}
         missing = sorted(set(to_load) - set(checkpoint))
         if missing:
-            raise KeyError(f"{self.load_path}: the checkpoint has no {', '.join(missing)} to restore")
+            raise KeyError(
+                f"{self.load_path}: the checkpoint has no {', '.join(missing)} to restore; "
+                f"it holds {describe_contents(checkpoint)}"
+            )
+        for key, obj in to_load.items():
+            if isinstance(obj, nn.Module):
+                require_model_weights(checkpoint[key], unwrap_network(obj), os.fspath(self.load_path))
         max_epochs = engine.state.max_epochs
         Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
         if max_epochs is not None:

@@ -104,7 +104,8 @@ def deterministic_transforms(
         window: HU window ``(low, high)`` mapped to [0, 1].
         dilation_mm: dilation of the lung mask (includes the lung wall).
         lung_mask_failure: ``"raise"`` or ``"full"`` (all-ones mask, with a warning) when no
-            lung is found; see ``transforms.LungMaskd``.
+            lung is found or the mask cannot be trusted (the message names the check that failed);
+            see ``transforms.LungMaskd``.
         check_hu: refuse volumes that are not in Hounsfield units.
         seed: seed of the stochastic enhancer (fixed, so its result can be cached).
         reader: MONAI image reader: ``"ITKReader"`` (NIfTI, MetaImage, DICOM series folders) or

@@ -173,7 +173,7 @@ def test_load_pretrained_missing_file_is_clear_error(tmp_path):
 def test_load_pretrained_rejects_non_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], path)
-    with pytest.raises(ValueError, match="does not hold a state dict"):
+    with pytest.raises(ValueError, match=r"list.pth: holds no ResNeXt weights; it holds a list of 1 items"):
         load_pretrained(resnext50_32x4d(), path)
 
 

@@ -3,6 +3,8 @@
 - A checkpoint or pretrained file whose unpickling would run code (a ``__reduce__`` that writes
   a marker file) is refused with a clear message by every loader (pretrained weights, training
   resume, ``evaluate.json``, ``inference.json``) and the code never runs: the marker is absent.
+- A ``.pt`` file that is no checkpoint (a cached dataset item from the run's cache folder) is
+  refused by every loader in one line that names the model and says what the file holds.
 - Data list entries written like config expressions (``$...``, ``@...``, ``%...``) stay data:
   the bundle's configs never evaluate them.
 """
@@ -17,11 +19,16 @@ from typing import Any
 
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.bundle import ConfigWorkflow
+from monai.data import PersistentDataset
+from monai.transforms import Compose
 
-from networks import ResNextPlus, load_pretrained, resnext50_32x4d
+from networks import NoModelWeightsError, ResNextPlus, load_pretrained, resnext50_32x4d
 from pipeline.data.datalist import DatalistError, load_datalist
 from pipeline.workflow.checkpoints import UnsafeCheckpointError, load_checkpoint
+from pipeline.workflow.handlers import CheckpointRestorer
+from pipeline.workflow.preprocessing import cache_subdir, evaluation_transforms
 from tests.conftest import BUNDLE_DIR
 from tests.reliability.conftest import SMALL_NETWORK
 
@@ -82,6 +89,25 @@ def _root_cause(error: BaseException) -> BaseException:
     while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
         error = error.__cause__ or error.__context__
     return error
+
+
+def _batch_inference_error(ckpt_path: Path, dataset: Path, output_dir: Path) -> BaseException:
+    """The root cause of ``inference.json`` failing with ``ckpt_path``; no prediction was written."""
+    workflow = _workflow(
+        [CONFIGS / "inference.json"],
+        dataset_dir=os.fspath(dataset / "images"),
+        ckpt_path=os.fspath(ckpt_path),
+        output_dir=os.fspath(output_dir),
+        resize_size=32,
+        spatial_size=32,
+        num_workers=0,
+        progress=False,
+        **SMALL_NETWORK,
+    )
+    with pytest.raises(Exception) as caught:
+        _run(workflow)
+    assert not (output_dir / "predictions.csv").exists()
+    return _root_cause(caught.value)
 
 
 def test_load_checkpoint_refuses_code_without_running_it(hostile: tuple[Path, Path]) -> None:
@@ -158,26 +184,61 @@ def test_batch_inference_refuses_a_hostile_checkpoint(
     hostile: tuple[Path, Path], tiny_demo_dataset: Path, tmp_path: Path
 ) -> None:
     path, marker = hostile
-    workflow = _workflow(
-        [CONFIGS / "inference.json"],
-        dataset_dir=os.fspath(tiny_demo_dataset / "images"),
-        ckpt_path=os.fspath(path),
-        output_dir=os.fspath(tmp_path / "out"),
-        resize_size=32,
-        spatial_size=32,
-        num_workers=0,
-        progress=False,
-        **SMALL_NETWORK,
-    )
 
-    with pytest.raises(Exception) as caught:
-        _run(workflow)
+    error = _batch_inference_error(path, tiny_demo_dataset, tmp_path / "out")
 
-    error = _root_cause(caught.value)
-    assert isinstance(error, UnsafeCheckpointError), repr(caught.value)
+    assert isinstance(error, UnsafeCheckpointError), repr(error)
     assert "hostile.pt: refused" in str(error)
     assert not marker.exists()
-    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def cached_item(tiny_demo_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real cache file of ``PersistentDataset`` (a preprocessed test case), as a run folder holds."""
+    item = load_datalist(tiny_demo_dataset / "datalist.json", "test")[0]
+    sizes = {"resize_size": TINY["resize_size"], "spatial_size": TINY["spatial_size"]}
+    folder = cache_subdir(tmp_path_factory.mktemp("run") / "cache", enhancement="none", **sizes)
+    PersistentDataset([item], Compose(evaluation_transforms(**sizes)), cache_dir=folder, track_meta=True)[0]
+    (path,) = Path(folder).glob("*.pt")
+    return path
+
+
+def _assert_one_line_naming(error: BaseException, path: Path, model: str) -> None:
+    message = str(error).strip("'\"")  # KeyError quotes its message
+    assert "\n" not in message and len(message) < 500, message
+    assert message.startswith(f"{path}: ")
+    assert model in message
+    assert "image (MetaTensor 2x32x32x8 float32)" in message and "a data item" in message
+
+
+def test_every_loader_refuses_a_cached_data_item_in_one_line(cached_item: Path) -> None:
+    network = ResNextPlus(**SMALL_NETWORK)
+
+    engine = Engine(lambda e, b: None)  # inference and evaluation: the model alone
+    CheckpointRestorer(cached_item, {"model": network}, missing_ok=False, engine_key=None).attach(engine)
+    with pytest.raises(NoModelWeightsError) as caught:
+        engine.run([0], max_epochs=1)
+    _assert_one_line_naming(caught.value, cached_item, "holds no ResNextPlus weights; it holds a dict")
+    trainer = Engine(lambda e, b: None)  # resume: the training state
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    CheckpointRestorer(cached_item, {"model": network, "optimizer": optimizer}).attach(trainer)
+    with pytest.raises(KeyError) as caught:
+        trainer.run([0], max_epochs=1)
+    _assert_one_line_naming(caught.value, cached_item, "has no model, optimizer, trainer to restore")
+    with pytest.raises(NoModelWeightsError) as caught:  # pretrained backbone weights
+        load_pretrained(network, cached_item)
+    _assert_one_line_naming(caught.value, cached_item, "holds no ResNeXt weights")
+    assert issubclass(NoModelWeightsError, ValueError)
+
+
+@pytest.mark.slow
+def test_batch_inference_names_a_cached_data_item_given_as_checkpoint(
+    cached_item: Path, tiny_demo_dataset: Path, tmp_path: Path
+) -> None:
+    error = _batch_inference_error(cached_item, tiny_demo_dataset, tmp_path / "out")
+
+    assert isinstance(error, NoModelWeightsError), repr(error)
+    _assert_one_line_naming(error, cached_item, "holds no ResNextPlus weights")
 
 
 CODE_LIKE = "$__import__('pathlib').Path('code_ran.txt').touch()"

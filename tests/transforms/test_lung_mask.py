@@ -1,4 +1,5 @@
-"""LungMask / LungMaskd / segment_lungs on chest phantoms with known lungs and on the real CT series."""
+"""LungMask / LungMaskd / segment_lungs on chest phantoms with known lungs and on the real CT series,
+whole and made into partial-lung scans (lung bases, gas below the diaphragm, a small field of view)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from scipy import ndimage
 
+from benchmarks.partial_lung_cases import PartialLungCase, partial_lung_cases
 from transforms import (
     InvalidVolumeError,
     LungMask,
@@ -324,6 +326,74 @@ def test_real_series_lungs(real_series, real_ct_dir):
     assert np.count_nonzero(lungs & parenchyma) >= 0.97 * np.count_nonzero(parenchyma)
     assert not np.any(lungs & ~body)
     assert np.count_nonzero(lungs & (hu > -100)) <= 0.2 * np.count_nonzero(lungs)  # heart not swallowed
+
+
+def test_gas_at_the_scan_bottom_is_left_out():
+    phantom = make_phantom(seed=2, airway_bridge=True)  # one lung region: any other could be kept beside it
+    axes = ((np.arange(n) - (n - 1) / 2) * s for n, s in zip(SHAPE, SPACING, strict=True))
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    gas = ((x - 5) / 40) ** 2 + ((y - 88) / 10) ** 2 + ((z + 93) / 12) ** 2 <= 1.0  # in front of the heart
+    assert not np.any(gas & phantom.lungs.any(axis=2, keepdims=True))  # under no lung: only the bottom tells
+    hu = np.where(gas, -1000.0, phantom.hu).astype(np.float32)
+    options = {"dilation_mm": 0.0, "min_lung_fraction": 0.001, "max_lungs": 3}  # the table core is a third
+
+    lungs = segment_lungs(hu, SPACING, **options)
+
+    assert not np.any(lungs & gas) and dice(lungs, phantom.lungs) >= 0.95
+    assert np.all(segment_lungs(hu, SPACING, head_last=False, **options)[gas])  # at the top it would be kept
+
+
+def test_air_wide_open_at_the_scan_bottom_only_is_not_trusted(phantom):
+    upper_half = phantom.hu[:, :, SHAPE[2] // 2 :]  # the scan stops inside the lungs: their cut is wide
+    image = MetaTensor(torch.from_numpy(upper_half[None].copy()), affine=torch.from_numpy(phantom.affine))
+    with pytest.raises(NoLungFoundError, match=r"no lung found \(scan bottom check\).*cannot be trusted"):
+        LungMask()(image)
+    with pytest.warns(UserWarning, match="scan bottom check"):
+        mask = LungMask(on_failure="full")(image)
+    assert bool(torch.all(mask == 1)) and "scan bottom check" in mask.meta["lung_mask_warning"]
+    # Had the slices run head first (the affine says so), the wide cut would be the scan's top: trusted.
+    image.affine = torch.from_numpy(phantom.affine @ np.diag([1.0, 1.0, -1.0, 1.0]))
+    assert LungMask()(image).meta["lung_mask_warning"] == ""
+
+
+@pytest.mark.parametrize("head_last", [True, False])
+def test_slice_order_comes_from_the_affine(phantom, head_last):
+    hu = phantom.hu if head_last else phantom.hu[:, :, ::-1]
+    flip = np.diag([1.0, 1.0, 1.0 if head_last else -1.0, 1.0])
+    image = MetaTensor(torch.from_numpy(hu[None].copy()), affine=torch.from_numpy(phantom.affine @ flip))
+    mask = LungMask()(image)[0].numpy().astype(bool)
+    expected = LungMask(head_last=True, spacing_mm=SPACING)(phantom.hu[None])[0].astype(bool)
+    np.testing.assert_array_equal(mask if head_last else mask[:, :, ::-1], expected)
+
+
+@pytest.fixture(scope="module")
+def partial_cases(real_series) -> dict[str, PartialLungCase]:
+    """The partial-lung scans of ``benchmarks/partial_lung_cases.py``, built from the real series.
+
+    The reference lung of each case is the real series' undilated lung mask (a whole-chest scan, where
+    the mask is excellent: see ``test_real_series_lungs``) restricted to the slices or window the case
+    keeps; the gas is inserted at known voxels, 10 mm or more from any air of the series.
+    """
+    image = real_series["image"]
+    hu = image[0].numpy()
+    spacing = np.asarray(image.pixdim, dtype=np.float64)
+    lungs = segment_lungs(hu, spacing, dilation_mm=0.0)
+    return {case.name: case for case in partial_lung_cases(hu, lungs, spacing, seed=0)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["lung bases", "abdomen + bases, gas", "chest + gas below", "small field of view"]
+)
+def test_partial_lung_scans_cover_the_lung_and_leave_the_gas_out(real_series, partial_cases, name):
+    case = partial_cases[name]
+    image = MetaTensor(torch.from_numpy(case.hu[None].copy()), affine=real_series["image"].affine)
+    mask = LungMask()(image)[0].numpy().astype(bool)  # the 5 mm dilation included, as the pipeline uses it
+    assert np.count_nonzero(mask & case.lungs) >= 0.95 * np.count_nonzero(case.lungs)
+    assert np.count_nonzero(mask) <= 1.6 * np.count_nonzero(case.lungs)
+    assert not np.any(mask & case.gas)  # the gas lies 10 mm or more from the lungs: beyond the dilation
+    gas_l = np.count_nonzero(case.gas) * float(torch.prod(image.pixdim)) / 1e6
+    assert gas_l == 0.0 or gas_l >= 0.3  # when inserted, as much gas as a lung base holds air
 
 
 @pytest.mark.cuda
