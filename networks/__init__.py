@@ -5,7 +5,7 @@ from networks.checkpoint_contents import NoModelWeightsError, describe_contents,
 from networks.pretrained import PretrainedLoadResult, load_pretrained
 from networks.resnext import Bottleneck, ResNeXt, resnext50_32x4d
 from networks.resnext_plus import ResNextPlus, SliceEncoder
-from networks.slice_attention import MeanSlicePooling, SliceAttention
+from networks.slice_attention import MeanSlicePooling, SliceAttention, SliceRule
 
 __all__ = [
     "CBAM",
@@ -18,6 +18,7 @@ __all__ = [
     "ResNextPlus",
     "SliceAttention",
     "SliceEncoder",
+    "SliceRule",
     "SpatialAttention",
     "describe_contents",
     "load_pretrained",

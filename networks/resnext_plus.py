@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from networks.cbam import CBAM
 from networks.pretrained import load_pretrained
 from networks.resnext import resnext50_32x4d
-from networks.slice_attention import MeanSlicePooling, SliceAttention
+from networks.slice_attention import MeanSlicePooling, SliceAttention, SliceRule
 
 __all__ = ["ResNextPlus", "SliceEncoder"]
 
@@ -133,6 +133,8 @@ class ResNextPlus(nn.Module):
         slice_chunk: run the CNN over at most this many slices at a time, which bounds the
             memory of inference over long volumes (results equal the unchunked ones). In
             training, batch-norm statistics (when not frozen) are then those of each chunk.
+        attention_temperature: temperature of the slice attention's softmax (see
+            :class:`~networks.slice_attention.SliceAttention`); 1 is the paper's.
         checkpoint_slices: in training, recompute each chunk's CNN activations during backward
             instead of storing them (same gradients, far less memory). Requires
             ``slice_chunk``. TorchScript ignores it.
@@ -143,6 +145,11 @@ class ResNextPlus(nn.Module):
         volumes form the CNN's batch, so that in training batch-norm statistics span several
         volumes when ``B > 1`` (one volume's slices alone would partly normalise away what sets
         that volume apart from the others). Returns logits ``(B, num_classes)``.
+
+    Attributes:
+        slice_rule: the slice rule's ``tau`` and volume ``threshold``
+            (:class:`~networks.slice_attention.SliceRule`), saved with the weights; training
+            tunes them on validation data.
     """
 
     def __init__(
@@ -159,6 +166,7 @@ class ResNextPlus(nn.Module):
         freeze_bn_stats: bool | None = None,
         slice_chunk: int | None = None,
         checkpoint_slices: bool = False,
+        attention_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if slice_chunk is not None and slice_chunk < 1:
@@ -179,11 +187,14 @@ class ResNextPlus(nn.Module):
                 nn.init.zeros_(parameter)
         slice_features = 2 * lstm_hidden
         self.slice_pooling: nn.Module = (
-            SliceAttention(slice_features) if use_slice_attention else MeanSlicePooling()
+            SliceAttention(slice_features, temperature=attention_temperature)
+            if use_slice_attention
+            else MeanSlicePooling()
         )
         self.classifier = nn.Sequential(
             nn.Linear(slice_features, fc_hidden), nn.ReLU(inplace=True), nn.Linear(fc_hidden, num_classes)
         )
+        self.slice_rule = SliceRule()
         if pretrained is not None:
             load_pretrained(self.encoder.backbone, pretrained)
             self.encoder.init_mask_stem_from_ct_stem()

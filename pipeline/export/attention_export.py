@@ -32,6 +32,7 @@ from pipeline.data.atomic_files import atomic_write_csv
 from pipeline.data.cases import safe_case_id, unique_case_ids
 from pipeline.workflow.inference import ERROR_KEY
 from pipeline.workflow.metrics import slice_predictions
+from pipeline.workflow.slice_rule import network_slice_rule
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 if TYPE_CHECKING:
@@ -100,7 +101,10 @@ class SliceAttentionSaver:
         label_key: key of the volume label in the batch or output, written when present.
         slice_labels_key: key of the per-slice labels in the batch, written when present.
         slice_tau: the slice rule's threshold factor (see
-            :func:`pipeline.workflow.metrics.slice_predictions`).
+            :func:`pipeline.workflow.metrics.slice_predictions`); ``None``: the one stored in
+            the engine's network (:func:`pipeline.workflow.slice_rule.network_slice_rule`).
+        slice_threshold: least probability of COVID-19 for a volume's slices to be called;
+            ``None``: the one stored in the engine's network.
         threshold: probability of COVID-19 at or above which a volume is predicted positive.
         top_k: number of top slices listed in ``predictions.csv`` and shown as thumbnails.
         save_figures: write ``slice_attention.png`` per case (about 0.3 s each on a CPU).
@@ -117,7 +121,8 @@ class SliceAttentionSaver:
         slice_indices_key: str = "slice_indices",
         label_key: str = "label",
         slice_labels_key: str = "slice_labels",
-        slice_tau: float = 1.0,
+        slice_tau: float | None = None,
+        slice_threshold: float | None = None,
         threshold: float = 0.5,
         top_k: int = 5,
         save_figures: bool = True,
@@ -132,7 +137,9 @@ class SliceAttentionSaver:
         self.label_key = label_key
         self.slice_labels_key = slice_labels_key
         self.slice_tau = slice_tau
+        self.slice_threshold = slice_threshold
         self.threshold = threshold
+        self.slice_rule = network_slice_rule(None, slice_tau, slice_threshold)
         self.top_k = top_k
         self.save_figures = save_figures
         self.figure_kwargs = dict(figure_kwargs or {})
@@ -154,6 +161,9 @@ class SliceAttentionSaver:
         self.write_tables()
 
     def __call__(self, engine: Engine) -> None:
+        self.slice_rule = network_slice_rule(
+            getattr(engine, "network", None), self.slice_tau, self.slice_threshold
+        )
         batch, output = engine.state.batch, engine.state.output
         if not isinstance(output, list):
             output = decollate_batch(output, detach=True)
@@ -206,7 +216,8 @@ class SliceAttentionSaver:
         indices = np.arange(n_slices) if indices is None else _numpy(indices).reshape(-1).astype(int)
         if indices.size != n_slices:
             raise ValueError(f"{case_id}: {indices.size} slice indices for {n_slices} attention weights")
-        slice_pred = slice_predictions(attention, bool(volume_pred), self.slice_tau)
+        slice_tau, slice_threshold = self.slice_rule
+        slice_pred = slice_predictions(attention, prob_covid >= slice_threshold, slice_tau)
         slice_labels = item.get(self.slice_labels_key)
         if slice_labels is not None:
             slice_labels = _numpy(slice_labels).reshape(-1).astype(int)
@@ -249,7 +260,7 @@ class SliceAttentionSaver:
                 indices,
                 thumbnails=thumbnails,
                 prob_covid=prob_covid,
-                slice_tau=self.slice_tau,
+                slice_tau=slice_tau,
                 slice_labels=slice_labels,
                 top_k=self.top_k,
                 title=case_id,

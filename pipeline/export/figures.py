@@ -22,9 +22,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 __all__ = [
+    "plot_precision_recall",
     "plot_roc",
     "plot_slice_attention",
     "plot_training_curves",
+    "precision_recall_curve",
     "read_scalar_log",
     "read_tensorboard_scalars",
     "roc_curve",
@@ -225,6 +227,64 @@ def plot_roc(
     axis.grid(alpha=0.3)
     save_figure(figure, path)
     return areas
+
+
+def precision_recall_curve(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall of ``score > t`` over every threshold ``t`` between distinct scores.
+
+    A score of ``-inf`` is never called positive (e.g. a slice of a volume predicted negative),
+    so recall can stay below 1 at every threshold.
+
+    Returns:
+        ``(precision, recall)``, from the highest threshold to the lowest.
+    """
+    labels = np.asarray(labels, dtype=int).reshape(-1)
+    scores = np.asarray(scores, dtype=float).reshape(-1)
+    positives = int(labels.sum())
+    callable_ = np.isfinite(scores)
+    scores, labels_called = scores[callable_], labels[callable_]
+    if positives == 0 or scores.size == 0:
+        return np.array([1.0]), np.array([0.0])
+    order = np.argsort(-scores, kind="stable")
+    scores, labels_called = scores[order], labels_called[order]
+    distinct = np.r_[np.nonzero(np.diff(scores))[0], scores.size - 1]
+    true_positives = np.cumsum(labels_called)[distinct]
+    called = distinct + 1
+    return true_positives / called, true_positives / positives
+
+
+def plot_precision_recall(
+    path: str | os.PathLike,
+    labels: Sequence[int] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    points: Mapping[str, tuple[float, float]] | None = None,
+    title: str = "precision-recall curve",
+) -> Path:
+    """Draw a precision-recall curve and mark operating points (name -> (recall, precision)).
+
+    Args:
+        path: the PNG to write.
+        labels: 0 or 1 per sample.
+        scores: per sample, higher means more likely positive; ``-inf`` is never called.
+        points: operating points to mark, e.g. the rules in use.
+        title: the figure's title.
+    """
+    precision, recall = precision_recall_curve(labels, scores)
+    figure, axis = plt.subplots(figsize=(5.2, 5))
+    axis.plot(recall, precision, lw=2, label=f"attention x N over tau (n = {len(labels)})")
+    for (name, (point_recall, point_precision)), marker in zip((points or {}).items(), "os^Dv"):
+        f1 = 2 * point_recall * point_precision / max(point_recall + point_precision, 1e-12)
+        axis.plot([point_recall], [point_precision], marker, ms=9, label=f"{name} (F1 {f1:.3f})")
+    axis.set_xlim(-0.01, 1.01)
+    axis.set_ylim(-0.01, 1.01)
+    axis.set_xlabel("recall (sensitivity)")
+    axis.set_ylabel("precision")
+    axis.set_title(title)
+    axis.legend(loc="lower left", fontsize=8)
+    axis.grid(alpha=0.3)
+    return save_figure(figure, path)
 
 
 def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:

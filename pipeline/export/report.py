@@ -123,8 +123,10 @@ class Report:
         if self.metrics:
             parts += ["## Metrics", metrics_table(self.metrics)]
             parts.append(
-                "Slice level: a slice is predicted positive when its volume is predicted positive and "
-                "its attention weight exceeds tau / N (N slices scored). The slice-level ROC AUC ranks "
+                "Slice level: a slice is predicted positive when its volume's probability of COVID-19 "
+                "reaches the rule's threshold and its attention weight exceeds tau / N (N slices "
+                "scored); the paper rule uses 0.5 and tau = 1, the tuned rule the pair chosen on the "
+                "validation split and stored with the checkpoint. The slice-level ROC AUC ranks "
                 "the slices of the truly positive volumes by attention weight times N: how well the "
                 "attention finds the diseased slices of a diseased volume."
                 if "slice" in self.metrics

@@ -18,6 +18,7 @@ __all__ = [
     "ABLATION_COLUMNS",
     "ENHANCEMENT_COLUMNS",
     "LEVELS",
+    "LEVEL_NAMES",
     "RunResult",
     "format_value",
     "metrics_table",
@@ -25,8 +26,14 @@ __all__ = [
     "timing_table",
 ]
 
-LEVELS = ("volume", "slice")
-"""Evaluation levels, in the paper's order."""
+LEVELS = ("volume", "slice_paper", "slice")
+"""Evaluation levels: volume, slice with the paper's rule, slice with the rule tuned on validation."""
+LEVEL_NAMES = {
+    "volume": "Volume level",
+    "slice_paper": "Slice level, paper rule",
+    "slice": "Slice level, tuned rule",
+}
+"""Row labels of the levels in the tables."""
 ENHANCEMENT_COLUMNS = ("acc", "pre", "rec", "f1", "sen", "spe", "auc")
 """Columns of Table 1 (the paper's, plus the ROC AUC)."""
 ABLATION_COLUMNS = ("acc", "pre", "f1", "sen", "spe", "auc")
@@ -40,7 +47,8 @@ class RunResult:
     Attributes:
         name: the run's identifier (``proposed``, ``n_sca``, ...).
         label: its row label in the tables (``Orig.``, ``N-SCA``, ...).
-        metrics: ``{"volume": {...}, "slice": {...}}`` as the bundle's ``metrics.json`` holds them.
+        metrics: ``{"volume": {...}, "slice": {...}, "slice_paper": {...}}`` as the bundle's
+            ``metrics.json`` holds them (a level that is missing shows ``n/a``).
         train_seconds: wall-clock time of training (validation each epoch included).
         eval_seconds: wall-clock time of the test-split evaluation.
         slice_level: whether the run singles out slices (``False`` without slice attention).
@@ -64,7 +72,7 @@ def format_value(value: Any, digits: int = 3) -> str:
 
 
 def metrics_table(rows: Sequence[RunResult], columns: Sequence[str]) -> str:
-    """One markdown table: a volume-level block, then a slice-level block, one row per run.
+    """One markdown table: a block per level of :data:`LEVELS`, one row per run.
 
     Args:
         rows: the runs, in table order.
@@ -77,8 +85,8 @@ def metrics_table(rows: Sequence[RunResult], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for level in LEVELS:
         for position, run in enumerate(rows):
-            level_text = f"{level.capitalize()} level" if position == 0 else ""
-            if level == "slice" and not run.slice_level:
+            level_text = LEVEL_NAMES[level] if position == 0 else ""
+            if level != "volume" and not run.slice_level:
                 values = ["NA"] * len(columns)
             else:
                 measured = run.metrics.get(level, {})

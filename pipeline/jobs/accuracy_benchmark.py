@@ -45,7 +45,7 @@ import torch
 
 from pipeline.data.atomic_files import atomic_write_text
 from pipeline.data.base_ct import AUTO_BASE_CT, resolve_base_ct
-from pipeline.export.results_tables import RunResult, render_results
+from pipeline.export.results_tables import LEVELS, RunResult, render_results
 from pipeline.jobs.demo import (
     BUNDLE_DIR,
     DEFAULT,
@@ -363,7 +363,7 @@ def _train_and_evaluate(spec: RunSpec, budget: Budget, seed: int, datalist: Path
     return RunResult(
         name=spec.name,
         label=spec.label,
-        metrics={level: metrics[level] for level in ("volume", "slice")},
+        metrics={level: metrics[level] for level in LEVELS if level in metrics},
         train_seconds=train_seconds,
         eval_seconds=eval_seconds,
         slice_level=spec.slice_level,
@@ -415,8 +415,11 @@ def _notes(budget: Budget) -> list[str]:
     return [
         "## How to read the tables",
         "Volume level: a test volume is positive when its COVID-19 probability is at least 0.5. "
-        "Slice level: a slice is positive when its volume is predicted positive and its attention "
-        "weight exceeds 1/N (N slices scored); the labels are the slices holding lesion voxels. The "
+        "Slice level, paper rule: a slice is positive when its volume is predicted positive and its "
+        "attention weight exceeds 1/N (N slices scored). Slice level, tuned rule: the attention "
+        "threshold (tau/N) and the least volume probability are chosen for the best slice F1 on the "
+        "validation split and stored with the checkpoint (`slice_tau`, `slice_threshold`); the test "
+        "slice labels are never used. The labels are the slices holding lesion voxels. The "
         "slice-level AUC ranks the slices of the positive test volumes by their attention. REC and "
         "SEN are the same number. `n/a`: undefined (no predicted positive for PRE, one class only "
         "for the AUC). N-SLA pools the slices by their mean, so its attention is uniform and it has "

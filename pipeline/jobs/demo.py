@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from pipeline.data.atomic_files import atomic_write_text
 from pipeline.data.base_ct import AUTO_BASE_CT, resolve_base_ct
 from pipeline.export.attention_export import ERRORS_FILE, PREDICTIONS_FILE
-from pipeline.export.figures import plot_roc, plot_training_curves
+from pipeline.export.figures import plot_precision_recall, plot_roc, plot_training_curves
 from pipeline.export.report import AttentionExample, Report
 
 __all__ = [
@@ -302,6 +302,53 @@ def _slice_scores(
     return labels, scores
 
 
+def _slice_table(inference_dir: Path, predictions: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
+    """Per labelled test volume: probability, label, and per slice its label, call and attention x N."""
+    volumes = []
+    for row in predictions:
+        rows = _read_csv(inference_dir / row["case_id"] / "slice_attention.csv")
+        if not rows or "slice_label" not in rows[0] or row.get("label") not in ("0", "1"):
+            continue
+        volumes.append(
+            {
+                "prob": float(row["prob_covid"]),
+                "label": int(row["label"]),
+                "slice_labels": np.array([int(r["slice_label"]) for r in rows]),
+                "calls": np.array([int(r["slice_pred"]) for r in rows]),
+                "scores": np.array([float(r["attention"]) * len(rows) for r in rows]),
+            }
+        )
+    return volumes
+
+
+def _slice_rule_notes(
+    volumes: Sequence[Mapping[str, Any]], tuned: Mapping[str, Any], paper: Mapping[str, Any]
+) -> list[str]:
+    """How many slices each rule calls in the positive test volumes, against how many are labelled."""
+    positives = [v for v in volumes if v["label"] == 1]
+    if not positives or "tau" not in tuned:
+        return []
+    tau, threshold = float(tuned["tau"]), float(tuned["threshold"])
+    labelled = np.mean([v["slice_labels"].sum() for v in positives])
+    tuned_calls = np.mean([v["calls"].sum() for v in positives])
+    paper_calls = np.mean([(v["scores"] > 1.0).sum() * (v["prob"] >= 0.5) for v in positives])
+    slices = np.mean([v["slice_labels"].size for v in positives])
+    return [
+        "## Slice rule",
+        f"Tuned rule (chosen on the validation split, stored in the checkpoint): a slice is called "
+        f"when its volume's probability is at least {threshold:.3f} and its attention weight exceeds "
+        f"{tau:.3f} / N. Paper rule: 0.5 and 1 / N. Slice F1 on the test split: tuned "
+        f"{_number(tuned.get('f1'))}, paper {_number(paper.get('f1'))}.",
+        f"In the {len(positives)} positive test volumes ({slices:.1f} slices each), {labelled:.2f} "
+        f"slices a volume hold lesion voxels; the paper rule calls {paper_calls:.2f} of them a volume, "
+        f"the tuned rule {tuned_calls:.2f}.",
+    ]
+
+
+def _number(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{float(value):.3f}"
+
+
 def _examples(
     inference_dir: Path, predictions: Sequence[Mapping[str, str]], count: int
 ) -> list[AttentionExample]:
@@ -371,6 +418,27 @@ def write_demo_report(
     if curves:
         plot_roc(figures_dir / "roc.png", curves, title="ROC curves, test split")
         figures.append(("ROC curves (test split)", figures_dir / "roc.png"))
+    slice_level = dict(metrics.get("slice", {}))
+    paper_rule = dict(metrics.get("slice_paper", {}))
+    volumes = _slice_table(inference_dir, predictions)
+    if volumes and "threshold" in slice_level:
+        gate = float(slice_level["threshold"])
+        plot_precision_recall(
+            figures_dir / "slice_precision_recall.png",
+            np.concatenate([v["slice_labels"] for v in volumes]),
+            np.concatenate(
+                [v["scores"] if v["prob"] >= gate else np.full(v["scores"].size, -np.inf) for v in volumes]
+            ),
+            points={
+                name: (float(level["rec"]), float(level["pre"]))
+                for name, level in (("paper rule", paper_rule), ("tuned rule", slice_level))
+                if level.get("rec") is not None and level.get("pre") is not None
+            },
+            title=f"slice level, test split (volumes with P(COVID-19) >= {gate:.3f})",
+        )
+        figures.append(
+            ("Slice-level precision and recall (test split)", figures_dir / "slice_precision_recall.png")
+        )
     try:
         plot_training_curves(
             figures_dir / "training_curves.png",
@@ -383,7 +451,6 @@ def write_demo_report(
         logger.warning("no training curves: %s", error)
 
     volume = dict(metrics.get("volume", {}))
-    slice_level = dict(metrics.get("slice", {}))
     summary = {
         "command": f"`{command}`",
         "machine": _machine(),
@@ -398,7 +465,15 @@ def write_demo_report(
     report = Report(
         title="COVID-19 CT ResNext+ demo",
         summary=summary,
-        metrics={"volume": volume, "slice": slice_level} if slice_level else {"volume": volume},
+        metrics={
+            level: values
+            for level, values in (
+                ("volume", volume),
+                ("slice", slice_level),
+                ("slice, paper rule", paper_rule),
+            )
+            if values or level == "volume"
+        },
         confusion={
             level: values["confusion_matrix"]
             for level, values in (("volume", volume), ("slice", slice_level))
@@ -409,6 +484,7 @@ def write_demo_report(
         predictions=[{**row, "image": _relative(row["image"], out_dir)} for row in predictions],
         errors=errors,
         notes=[
+            *_slice_rule_notes(volumes, slice_level, paper_rule),
             *_reading(volume.get("auc")),
             "## Files",
             "- `data/`: the demo volumes and `datalist.json`\n"

@@ -29,6 +29,8 @@ from monai.data import decollate_batch
 from monai.metrics import compute_confusion_matrix_metric, compute_roc_auc, get_confusion_matrix
 from monai.utils import evenly_divisible_all_gather
 
+from pipeline.workflow.slice_rule import network_slice_rule, tune_slice_rule
+
 __all__ = [
     "METRIC_NAMES",
     "SliceMetrics",
@@ -225,12 +227,18 @@ class SliceMetrics(Metric):
     Reads, per volume, the class probabilities and attention from ``engine.state.output`` and
     the per-slice labels (aligned with the scored slices) from ``engine.state.batch``; volumes
     without slice labels are skipped. The slice rule is :func:`slice_predictions`. Result keys
-    carry ``prefix`` (``slice_acc``, ...) plus ``slice_volumes``, the volumes counted. Works
+    carry ``prefix`` (``slice_acc``, ...) plus ``slice_volumes``, the volumes counted, and
+    ``slice_tau`` and ``slice_threshold``, the rule applied. With ``tune``, also
+    ``slice_tuned_tau``, ``slice_tuned_threshold`` and ``slice_tuned_f1``: the rule with the
+    best F1 on these slices (:func:`pipeline.workflow.slice_rule.tune_slice_rule`). Works
     across distributed processes.
 
     Args:
-        tau: threshold factor of the slice rule.
-        threshold: probability of class 1 at or above which a volume is predicted positive.
+        tau: threshold factor of the slice rule; ``None``: the engine network's
+            ``slice_rule`` (the paper's 1 when it has none).
+        threshold: probability of class 1 at or above which a volume's slices may be called;
+            ``None``: the engine network's ``slice_rule`` (0.5 when it has none).
+        tune: also report the best rule on these slices.
         prefix: prefix of the result keys.
         pred_key, attention_key, label_key: keys in the engine output.
         slice_labels_key: key of the slice labels in the engine batch.
@@ -238,19 +246,21 @@ class SliceMetrics(Metric):
 
     def __init__(
         self,
-        tau: float = 1.0,
-        threshold: float = 0.5,
+        tau: float | None = 1.0,
+        threshold: float | None = 0.5,
         prefix: str = "slice",
         pred_key: str = "pred",
         attention_key: str = "attention",
         label_key: str = "label",
         slice_labels_key: str = "slice_labels",
+        tune: bool = False,
         device: str | torch.device = "cpu",
     ) -> None:
-        if tau <= 0:
+        if tau is not None and tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
         self.tau = tau
         self.threshold = threshold
+        self.tune = tune
         self.prefix = prefix
         self.pred_key = pred_key
         self.attention_key = attention_key
@@ -262,12 +272,15 @@ class SliceMetrics(Metric):
         self._labels: list[int] = []
         self._predictions: list[int] = []
         self._scores: list[float] = []
+        self._probabilities: list[float] = []
         self._in_positive: list[int] = []
         self._volumes = 0
+        self._rule = network_slice_rule(None, self.tau, self.threshold)
 
     @torch.no_grad()
     def iteration_completed(self, engine: Any) -> None:
         """Pair each volume's output with its batch entry (for the slice labels), then update."""
+        self._rule = network_slice_rule(getattr(engine, "network", None), self.tau, self.threshold)
         outputs, batch = _items(engine.state.output), _items(engine.state.batch)
         for result, item in zip(outputs, batch):
             label = result.get(self.label_key, item.get(self.label_key))
@@ -285,12 +298,14 @@ class SliceMetrics(Metric):
             raise ValueError(f"{truth.size} slice labels for {weights.size} attention weights")
         if not np.isfinite(weights).all():
             raise ValueError("non-finite attention weights: the network output is not finite")
-        volume_positive = _positive_probability(pred) >= self.threshold
+        tau, threshold = self._rule
+        probability = _positive_probability(pred)
         # the volume label: a class index, or one-hot whose last entry is the positive class
         positive_volume = int(truth.any()) if label is None else int(_numpy(label).reshape(-1)[-1])
         self._labels.extend(truth.tolist())
-        self._predictions.extend(slice_predictions(weights, volume_positive, self.tau).tolist())
+        self._predictions.extend(slice_predictions(weights, probability >= threshold, tau).tolist())
         self._scores.extend((weights * weights.size).tolist())
+        self._probabilities.extend([probability] * weights.size)
         self._in_positive.extend([positive_volume] * weights.size)
         self._volumes += 1
 
@@ -303,4 +318,8 @@ class SliceMetrics(Metric):
         result = binary_metrics(labels, predictions)
         result["auc"] = binary_metrics(labels[in_positive], labels[in_positive], scores[in_positive])["auc"]
         result["volumes"] = volumes
+        result["tau"], result["threshold"] = self._rule
+        if self.tune:
+            tuned = tune_slice_rule(_gather(self._probabilities), scores, labels)
+            result.update(tuned_tau=tuned.tau, tuned_threshold=tuned.threshold, tuned_f1=tuned.f1)
         return _prefixed(self.prefix, result)

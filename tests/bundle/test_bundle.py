@@ -67,6 +67,17 @@ def _scalars(log_dir: Path) -> dict[str, list[int]]:
     return steps
 
 
+def _scalar_values(log_dir: Path, tag: str) -> list[float]:
+    """Values of one scalar tag in the TensorBoard event files of ``log_dir``, in step order."""
+    values = []
+    for events in sorted(log_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values += [(event.step, event.value) for event in accumulator.Scalars(tag)]
+    return [value for _, value in sorted(values)]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_demo_dataset: Path) -> Path:
     """Bundle root after one training epoch on the tiny demo data."""
@@ -90,7 +101,12 @@ def test_one_epoch_writes_checkpoints_and_tensorboard_events(trained: Path) -> N
     steps = _scalars(trained / "eval")
     assert steps["train_loss"] == [1, 2, 3, 4]
     assert steps["val_auc"] == [1]
-    assert {"volume_acc", "volume_auc", "slice_acc", "slice_auc"} <= set(steps)
+    assert {"volume_acc", "volume_auc", "slice_acc", "slice_auc", "slice_tuned_tau"} <= set(steps)
+    # the slice rule tuned on the validation split travels in the best checkpoint
+    tuned_tau = _scalar_values(trained / "eval", "slice_tuned_tau")[-1]
+    tuned_threshold = _scalar_values(trained / "eval", "slice_tuned_threshold")[-1]
+    assert float(best["slice_rule.tau"]) == pytest.approx(tuned_tau, rel=1e-5)
+    assert float(best["slice_rule.threshold"]) == pytest.approx(tuned_threshold, rel=1e-5)
     assert "Epoch[1] Metrics" in (trained / "train.log").read_text()
 
 
@@ -140,7 +156,11 @@ def test_evaluate_writes_metrics_at_volume_and_slice_level(
     assert metrics["split"] == "test" and metrics["checkpoint"] == str(trained / "models" / "model.pt")
     assert metrics["volume"]["count"] == 2
     assert metrics["slice"]["count"] == 16 and metrics["slice"]["volumes"] == 2  # every slice scored
-    for level in ("volume", "slice"):
+    stored = load_checkpoint(trained / "models" / "model.pt")
+    assert metrics["slice"]["tau"] == pytest.approx(float(stored["slice_rule.tau"]))
+    assert metrics["slice"]["threshold"] == pytest.approx(float(stored["slice_rule.threshold"]))
+    assert (metrics["slice_paper"]["tau"], metrics["slice_paper"]["threshold"]) == (1.0, 0.5)
+    for level in ("volume", "slice", "slice_paper"):
         values = metrics[level]
         (tn, fp), (fn, tp) = values["confusion_matrix"]
         assert tn + fp + fn + tp == values["count"]
