@@ -260,7 +260,18 @@ class ResNextPlus(nn.Module):
             )
         batch, channels, height, width, depth = x.shape
         slices = x.permute(0, 4, 1, 2, 3).reshape(batch * depth, channels, height, width)
-        slice_features, _ = self.lstm(self.encode_slices(slices).reshape(batch, depth, -1))
+        return self.classify_slice_features(self.encode_slices(slices).reshape(batch, depth, -1))
+
+    def classify_slice_features(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """The part after the CNN: BiLSTM over the slices, slice pooling, classifier.
+
+        Args:
+            features: ``(B, S, 2048)`` CNN features of each volume's slices, in axial order.
+
+        Returns:
+            Logits ``(B, num_classes)`` and attention weights ``(B, S)``.
+        """
+        slice_features, _ = self.lstm(features)
         pooled, attention = self.slice_pooling(slice_features)
         return self.classifier(pooled), attention
 

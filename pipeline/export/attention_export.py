@@ -7,6 +7,8 @@ For every case an evaluator scores, :class:`SliceAttentionSaver` writes
   original volume's axial order;
 - ``output_dir/<case_id>/slice_attention.png``: the attention curve with thumbnails of the
   highest-attention slices (:func:`pipeline.export.figures.plot_slice_attention`);
+- with ``heatmaps`` (e.g. :class:`pipeline.export.heatmap_export.SliceHeatmapWriter`):
+  ``heatmap.nii.gz`` and ``heatmap_slice_<index>.png`` in the case's folder;
 - a row of ``output_dir/predictions.csv``: ``case_id, image, prob_covid, pred, n_slices,
   top_slices`` (plus ``label`` when the cases have labels);
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +111,9 @@ class SliceAttentionSaver:
         top_k: number of top slices listed in ``predictions.csv`` and shown as thumbnails.
         save_figures: write ``slice_attention.png`` per case (about 0.3 s each on a CPU).
         figure_kwargs: extra arguments of :func:`pipeline.export.figures.plot_slice_attention`.
+        heatmaps: called for each scored case as ``heatmaps(case_dir, image, slice_pred,
+            slice_indices, case_id)`` with the network input ``(C, H, W, S)``, e.g. a
+            :class:`~pipeline.export.heatmap_export.SliceHeatmapWriter`; ``None``: no heatmaps.
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class SliceAttentionSaver:
         top_k: int = 5,
         save_figures: bool = True,
         figure_kwargs: Mapping[str, Any] | None = None,
+        heatmaps: Callable[..., Any] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.pred_key = pred_key
@@ -143,6 +149,7 @@ class SliceAttentionSaver:
         self.top_k = top_k
         self.save_figures = save_figures
         self.figure_kwargs = dict(figure_kwargs or {})
+        self.heatmaps = heatmaps
         self.logger = logging.getLogger(__name__)
         self.predictions: list[dict[str, Any]] = []
         self.errors: list[tuple[str, str]] = []
@@ -248,6 +255,8 @@ class SliceAttentionSaver:
             row["label"] = int(_numpy(label).reshape(-1)[0])
         self.predictions.append(row)
 
+        if self.heatmaps is not None and isinstance(image_tensor, torch.Tensor) and image_tensor.ndim == 4:
+            self.heatmaps(case_dir, image_tensor, slice_pred, indices, case_id)
         if self.save_figures:
             from pipeline.export.figures import plot_slice_attention
 

@@ -1,4 +1,4 @@
-"""Figures of a run: slice attention with thumbnails, ROC curve, training curves (PNG files).
+"""Figures of a run: slice attention with thumbnails, heatmap overlays, ROC curve, training curves (PNG).
 
 Everything is drawn with Matplotlib's non-interactive Agg backend and written atomically
 (temporary file in the same folder, then a rename).
@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 __all__ = [
+    "plot_heatmap_slice",
     "plot_precision_recall",
     "plot_roc",
     "plot_slice_attention",
@@ -178,6 +179,36 @@ def plot_slice_attention(
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(2.5 if predicted[rank] else 1)
     return save_figure(figure, path)
+
+
+def plot_heatmap_slice(
+    path: str | os.PathLike,
+    ct_slice: np.ndarray,
+    heatmap_slice: np.ndarray,
+    title: str | None = None,
+    alpha: float = 0.45,
+    size_inches: float = 3.0,
+) -> Path:
+    """Write one axial slice in grey with its heatmap overlaid (PNG, radiological orientation).
+
+    Args:
+        path: output PNG file.
+        ct_slice: ``(H, W)`` CT windowed to [0, 1], indexed (x, y) in RAS order.
+        heatmap_slice: ``(H, W)`` heatmap in [0, 1] on the same grid.
+        title: figure title (e.g. the case and the slice index).
+        alpha: opacity of the heatmap at its hottest point (0 where it is 0).
+        size_inches: width and height of the figure.
+    """
+    heat = np.clip(_display(heatmap_slice), 0.0, 1.0)
+    figure, axis = plt.subplots(figsize=(size_inches, size_inches))
+    axis.imshow(_display(ct_slice), cmap="gray", vmin=0, vmax=1)
+    overlay = axis.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=alpha * heat)
+    figure.colorbar(overlay, ax=axis, fraction=0.046, pad=0.04)
+    if title:
+        axis.set_title(title, fontsize=9)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    return save_figure(figure, path, dpi=80)
 
 
 def roc_curve(

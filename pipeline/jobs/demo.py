@@ -10,7 +10,7 @@ overrides, in this process (MONAI's ``ConfigWorkflow``):
 3. evaluation: ``configs/train.json`` + ``configs/evaluate.json`` on the test split
    (``metrics.json``, volume and slice level);
 4. batch inference: ``configs/inference.json`` on the test split (``predictions.csv``,
-   slice attention CSV and figure per volume);
+   slice attention CSV and figure, Grad-CAM heatmap volume and slice overlays per volume);
 5. report: ``report.md`` with the metrics tables, ROC curves, training curves and the
    attention figures of a few test volumes.
 
