@@ -317,8 +317,9 @@ def _largest_regions(
     """The largest 3D air regions of plausible size that are not gas below the lungs.
 
     Returns their mask and volumes (litres). Of the regions of plausible size, those under another one
-    (:func:`_under_another`) are gas below the diaphragm; of the rest, those that reach the scan's bottom
-    slice are bowel gas when the others hold at least ``min_lungs_l`` litres, as lungs do.
+    (:func:`_under_another`) are gas below the diaphragm; of the rest, those cut wide open by the scan's
+    bottom slice (:func:`_cut_open_at_bottom`) are bowel gas when the others hold at least ``min_lungs_l``
+    litres, as lungs do.
     """
     labels, count = ndimage.label(air)
     volumes_l = np.bincount(labels.ravel()) * (voxel_ml / 1000.0)
@@ -328,7 +329,7 @@ def _largest_regions(
         up = labels if head_last else labels[:, :, ::-1]
         under = _under_another(up, count, candidates)
         candidates = [i for i in candidates if i not in under]
-        at_bottom = set(np.unique(up[:, :, 0]).tolist())
+        at_bottom = _cut_open_at_bottom(up, candidates)
         if sum(volumes_l[i] for i in candidates if i not in at_bottom) >= min_lungs_l:
             candidates = [i for i in candidates if i not in at_bottom]
     largest_l = volumes_l[candidates[0]] if candidates else 0.0
@@ -336,6 +337,24 @@ def _largest_regions(
     keep = np.zeros(volumes_l.shape, dtype=bool)
     keep[kept] = True
     return keep[labels], [float(volumes_l[i]) for i in kept]
+
+
+def _cut_open_at_bottom(labels: np.ndarray, candidates: list[int]) -> set[int]:
+    """The candidate regions whose cross-section in the bottom slice (index 0) is wide, not a lung's tip.
+
+    A chest scan often stops inside one lung's base, which then reaches the bottom slice with a small
+    share of its largest cross-section; gas cut by the scan's bottom is cut wide open.
+    """
+    bottom_areas = np.bincount(labels[:, :, 0].ravel(), minlength=max(candidates) + 1)
+    boxes = ndimage.find_objects(labels, max_label=max(candidates))
+    wide = set()
+    for index in candidates:
+        if bottom_areas[index] == 0:
+            continue
+        largest_area = np.count_nonzero(labels[boxes[index - 1]] == index, axis=(0, 1)).max()
+        if bottom_areas[index] >= _MAX_BOTTOM_SHARE * largest_area:
+            wide.add(index)
+    return wide
 
 
 def _check_not_only_at_bottom(lungs: np.ndarray, head_last: bool, name: str) -> None:
