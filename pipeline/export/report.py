@@ -54,13 +54,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
 
 
 def metrics_table(levels: Mapping[str, Mapping[str, Any]], names: Mapping[str, str] = METRIC_NAMES) -> str:
-    """One row per metric, one column per level (e.g. ``{"volume": {...}, "slice": {...}}``).
+    """One row per metric, one column per level (e.g. ``{"volume level": {...}, "slice level": {...}}``).
 
-    Metric keys are matched case-insensitively; a level lacking a metric shows ``-``.
+    The level names are the column headers. Metric keys are matched case-insensitively; a level lacking
+    a metric shows ``-``.
     """
     lowered = {level: {str(k).lower(): v for k, v in values.items()} for level, values in levels.items()}
     rows = [[title, *(lowered[level].get(key) for level in levels)] for key, title in names.items()]
-    return markdown_table(["Metric", *(f"{level} level" for level in levels)], rows)
+    return markdown_table(["Metric", *levels], rows)
 
 
 def confusion_table(matrix: Sequence[Sequence[int]]) -> str:
@@ -90,8 +91,9 @@ class Report:
     Attributes:
         title: the report's heading.
         summary: key facts of the run (data, model size, timings), shown as a two-column table.
-        metrics: metric values by level, e.g. ``{"volume": {"acc": ...}, "slice": {...}}``.
-        confusion: confusion matrices by level (``[[TN, FP], [FN, TP]]``).
+        metrics: metric values by level, e.g. ``{"volume level": {"acc": ...}, "slice level": {...}}``;
+            the level names head the columns.
+        confusion: confusion matrices by level (``[[TN, FP], [FN, TP]]``), titled with the level name.
         figures: (caption, PNG path) pairs shown in order (ROC curve, training curves, ...).
         examples: test volumes shown with their attention figures.
         predictions: rows of ``predictions.csv`` to list (trimmed to ``max_predictions``).
@@ -133,7 +135,7 @@ class Report:
                 else ""
             )
         for level, matrix in self.confusion.items():
-            parts += [f"Confusion matrix, {level} level:", confusion_table(matrix)]
+            parts += [f"Confusion matrix, {level}:", confusion_table(matrix)]
         for caption, path in self.figures:
             parts += [f"## {caption}", f"![{caption}]({link(path)})"]
         if self.examples:

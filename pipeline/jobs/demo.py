@@ -468,15 +468,15 @@ def write_demo_report(
         metrics={
             level: values
             for level, values in (
-                ("volume", volume),
-                ("slice", slice_level),
-                ("slice, paper rule", paper_rule),
+                ("volume level", volume),
+                ("slice level, tuned rule", slice_level),
+                ("slice level, paper rule", paper_rule),
             )
-            if values or level == "volume"
+            if values or level == "volume level"
         },
         confusion={
             level: values["confusion_matrix"]
-            for level, values in (("volume", volume), ("slice", slice_level))
+            for level, values in (("volume level", volume), ("slice level, tuned rule", slice_level))
             if "confusion_matrix" in values
         },
         figures=figures,

@@ -24,7 +24,11 @@ OVERRIDES = {
     "num_workers": 0,
     "progress": False,
     "save_figures": False,
-    "threshold": 0.0,  # every volume predicted positive: the untrained network's slices get maps
+    # every volume predicted positive, its slices called by the paper's tau: the barely trained
+    # network's slices get maps
+    "threshold": 0.0,
+    "slice_threshold": 0.0,
+    "slice_tau": 1.0,
 }
 
 

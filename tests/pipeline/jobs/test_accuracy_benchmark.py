@@ -40,8 +40,13 @@ def _table_rows(section: str) -> list[list[str]]:
 
 def _check_metrics_table(section: str, labels: tuple[str, ...], columns: tuple[str, ...]) -> None:
     rows = _table_rows(section)
-    assert [row[1] for row in rows] == list(labels) * 2  # volume block, then slice block
-    assert rows[0][0] == "Volume level" and rows[len(labels)][0] == "Slice level"
+    # volume block, then the slice blocks: the paper's rule, the rule tuned on validation
+    assert [row[1] for row in rows] == list(labels) * 3
+    assert [rows[block * len(labels)][0] for block in range(3)] == [
+        "Volume level",
+        "Slice level, paper rule",
+        "Slice level, tuned rule",
+    ]
     for level_index, row in enumerate(rows):
         values = row[2:]
         assert len(values) == len(columns)
@@ -94,20 +99,24 @@ def test_smoke_study_runs_share_split_and_record_bundle_metrics(smoke_study: Pat
         written = json.loads((smoke_study / "runs" / spec.name / "eval" / "metrics.json").read_text())
         assert written["split"] == "test"
         assert Path(written["datalist"]) == smoke_study / "data" / "datalist.json"
-        for level in ("volume", "slice"):
+        for level in ("volume", "slice_paper", "slice"):
             assert run["metrics"][level] == written[level]
             for name in METRICS:
                 value = written[level][name]
                 assert value is None or 0.0 <= value <= 1.0
         assert written["volume"]["count"] == test_count
         assert sum(map(sum, written["volume"]["confusion_matrix"])) == test_count
-        assert written["slice"]["count"] == test_count * BUDGETS["smoke"].slices
+        assert (
+            written["slice"]["count"]
+            == written["slice_paper"]["count"]
+            == test_count * BUDGETS["smoke"].slices
+        )
         assert run["settings"] == dict(spec.overrides)
         assert (smoke_study / "runs" / spec.name / "models" / "model.pt").is_file()
         assert list((smoke_study / "runs" / spec.name / "train").glob("events.out.tfevents.*"))
-    # N-SLA's mean pooling reports uniform attention, so it never singles out a slice
-    assert results["runs"]["n_sla"]["metrics"]["slice"]["confusion_matrix"][0][1] == 0
-    assert results["runs"]["n_sla"]["metrics"]["slice"]["confusion_matrix"][1][1] == 0
+    # N-SLA's mean pooling reports uniform attention, so the paper's rule never singles out a slice
+    assert results["runs"]["n_sla"]["metrics"]["slice_paper"]["confusion_matrix"][0][1] == 0
+    assert results["runs"]["n_sla"]["metrics"]["slice_paper"]["confusion_matrix"][1][1] == 0
 
 
 @pytest.mark.slow
@@ -129,8 +138,8 @@ def test_smoke_study_resumes_without_retraining(smoke_study: Path) -> None:
     assert main([*args, "--runs", "tone,proposed"]) == 0
     assert {path: path.stat().st_mtime_ns for path in records} == before
     text = (smoke_study / "results.md").read_text()
-    assert [row[1] for row in _table_rows(_section(text, "## Table 1"))] == ["Orig.", "Tone Enh."] * 2
-    assert [row[1] for row in _table_rows(_section(text, "## Table 2"))] == ["Proposed"] * 2
+    assert [row[1] for row in _table_rows(_section(text, "## Table 1"))] == ["Orig.", "Tone Enh."] * 3
+    assert [row[1] for row in _table_rows(_section(text, "## Table 2"))] == ["Proposed"] * 3
 
 
 def test_select_runs_keeps_study_order_and_rejects_unknown_names() -> None:
@@ -147,7 +156,11 @@ def _result(name: str, label: str, slice_level: bool = True, **volume: float) ->
     return RunResult(
         name=name,
         label=label,
-        metrics={"volume": {**metrics, **volume, "count": 4}, "slice": dict(metrics)},
+        metrics={
+            "volume": {**metrics, **volume, "count": 4},
+            "slice_paper": dict(metrics),
+            "slice": {name: 0.4 for name in METRICS},
+        },
         train_seconds=12.3,
         eval_seconds=1.2,
         slice_level=slice_level,
@@ -169,6 +182,8 @@ def test_metrics_table_volume_then_slice_blocks() -> None:
     assert re.fullmatch(r"\|(---\|){8}", lines[1])
     assert lines[2] == "| Volume level | N-SLA | 0.250 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 |"
     assert lines[3] == "|  | Proposed | 0.500 | n/a | 0.500 | 0.500 | 0.500 | 0.500 |"
-    assert lines[4] == "| Slice level | N-SLA | NA | NA | NA | NA | NA | NA |"
+    assert lines[4] == "| Slice level, paper rule | N-SLA | NA | NA | NA | NA | NA | NA |"
     assert lines[5] == "|  | Proposed | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 |"
-    assert len(lines) == 6
+    assert lines[6] == "| Slice level, tuned rule | N-SLA | NA | NA | NA | NA | NA | NA |"
+    assert lines[7] == "|  | Proposed | 0.400 | 0.400 | 0.400 | 0.400 | 0.400 | 0.400 |"
+    assert len(lines) == 8
