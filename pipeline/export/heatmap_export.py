@@ -8,7 +8,8 @@ For every case it is given, :class:`SliceHeatmapWriter` writes to the case's fol
   scan (see :mod:`pipeline.workflow.heatmaps`);
 - ``heatmap_slice_<index>.png`` for each predicted-positive slice (``index`` as in
   ``slice_attention.csv``: the slice's index in the volume on disk): the network's view of the
-  slice (windowed, resized and cropped) in grey with the map overlaid.
+  slice (windowed, resized and cropped) in grey with the map overlaid. The slice PNGs of an
+  earlier run into the same folder are removed first, so the folder shows this run's calls only.
 
 :class:`~pipeline.export.attention_export.SliceAttentionSaver` calls it for each case when
 given one (bundle option ``save_heatmaps``).
@@ -91,6 +92,8 @@ class SliceHeatmapWriter:
             The path of ``heatmap.nii.gz``.
         """
         case_dir = Path(case_dir)
+        for stale in case_dir.glob(HEATMAP_PNG.format(index="*")):  # a previous run's calls
+            stale.unlink()
         heatmap = volume_heatmap(self.network, image, slice_pred, self.target_layer, self.slice_chunk)
         values, affine = to_input_grid(heatmap, getattr(image, "meta", {}))
         path = write_nifti(case_dir / HEATMAP_NIFTI, values, affine)

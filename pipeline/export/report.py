@@ -75,13 +75,14 @@ def confusion_table(matrix: Sequence[Sequence[int]]) -> str:
 
 @dataclass
 class AttentionExample:
-    """One volume shown in the report with its attention figure."""
+    """One volume shown in the report with its attention figure and the heatmaps of some called slices."""
 
     case_id: str
     figure: Path
     prob_covid: float
     label: int | None = None
     top_slices: str = ""
+    heatmaps: Sequence[Path] = ()
 
 
 @dataclass
@@ -149,6 +150,9 @@ class Report:
                     f"highest-attention slices {example.top_slices or '-'}",
                     f"![{example.case_id}]({link(example.figure)})",
                 ]
+                if example.heatmaps:
+                    images = (f"![{example.case_id} {path.stem}]({link(path)})" for path in example.heatmaps)
+                    parts.append(" ".join(images))
         if self.predictions:
             shown = list(self.predictions)[: self.max_predictions]
             columns = list(shown[0])

@@ -41,6 +41,7 @@ from pipeline.data.atomic_files import atomic_write_text
 from pipeline.data.base_ct import AUTO_BASE_CT, resolve_base_ct
 from pipeline.export.attention_export import ERRORS_FILE, PREDICTIONS_FILE
 from pipeline.export.figures import plot_precision_recall, plot_roc, plot_training_curves
+from pipeline.export.heatmap_export import HEATMAP_PNG
 from pipeline.export.report import AttentionExample, Report
 
 __all__ = [
@@ -65,6 +66,8 @@ TRAINING_CURVES = ("train_loss", "val_auc", "volume_acc", "volume_f1", "slice_au
 """TensorBoard series drawn in the report: the loss per iteration, validation metrics per epoch."""
 TRAINING_ONLY_IDS = ("ckpt_dir", "cache_dir", "num_slices", "seed", "class_balance", "augment_positives")
 """Bundle ids of training that ``inference.json`` does not have."""
+HEATMAPS_PER_EXAMPLE = 2
+"""Heatmap PNGs shown per example volume in the report: its called slices of highest attention."""
 logger = logging.getLogger(__name__)
 
 
@@ -371,10 +374,18 @@ def _examples(
             prob_covid=float(row["prob_covid"]),
             label=int(row["label"]) if row.get("label") in ("0", "1") else None,
             top_slices=row.get("top_slices", "").replace(";", ", "),
+            heatmaps=_heatmap_figures(inference_dir / row["case_id"], row.get("top_slices", "")),
         )
         for row in chosen[:count]
         if (inference_dir / row["case_id"] / "slice_attention.png").is_file()
     ]
+
+
+def _heatmap_figures(case_dir: Path, top_slices: str, count: int = HEATMAPS_PER_EXAMPLE) -> list[Path]:
+    """The heatmap PNGs of a case's called slices, highest attention first (at most ``count``)."""
+    ranked = [int(index) for index in top_slices.split(";") if index.strip()]
+    paths = (case_dir / HEATMAP_PNG.format(index=index) for index in ranked)
+    return [path for path in paths if path.is_file()][:count]
 
 
 def _relative(path: str, base: Path) -> str:

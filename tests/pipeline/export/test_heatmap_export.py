@@ -49,6 +49,10 @@ def test_batch_inference_writes_heatmaps_on_the_input_grid(
         "ckpt_path": os.fspath(small_checkpoint),
     }
 
+    stale = tmp_path / "on" / "oblique" / "heatmap_slice_99.png"  # from an earlier run into the folder
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")
+
     run_bundle([BUNDLE_DIR / "configs" / "inference.json"], {**overrides, "output_dir": tmp_path / "on"})
 
     case_dir = tmp_path / "on" / "oblique"

@@ -11,8 +11,9 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from pipeline.export.report import AttentionExample, Report
 from pipeline.jobs.cli import main
-from pipeline.jobs.demo import QUICK, _reading, make_demo_datalist
+from pipeline.jobs.demo import QUICK, _heatmap_figures, _reading, make_demo_datalist
 
 METRICS = ("acc", "pre", "rec", "f1", "sen", "spe", "auc")
 
@@ -87,6 +88,24 @@ def test_demo_without_the_real_ct_uses_phantoms_only(tmp_path: Path) -> None:
         for items in json.loads(path.read_text()).values()
         for item in items
     )
+
+
+def test_report_shows_heatmaps_of_the_called_slices_of_highest_attention(tmp_path: Path) -> None:
+    case_dir = tmp_path / "inference" / "case"
+    case_dir.mkdir(parents=True)
+    for index in (2, 5, 7):  # the called slices: batch inference wrote their heatmaps
+        (case_dir / f"heatmap_slice_{index}.png").write_bytes(b"")
+    chosen = _heatmap_figures(case_dir, "5;3;2;7;1")
+    assert chosen == [case_dir / "heatmap_slice_5.png", case_dir / "heatmap_slice_2.png"]
+    assert _heatmap_figures(case_dir, "") == []
+
+    example = AttentionExample("case", case_dir / "slice_attention.png", 0.9, 1, "5, 3, 2", heatmaps=chosen)
+    text = Report(title="demo", summary={}, metrics={}, examples=[example]).render(tmp_path)
+    assert "![case](inference/case/slice_attention.png)" in text
+    assert (
+        "![case heatmap_slice_5](inference/case/heatmap_slice_5.png) "
+        "![case heatmap_slice_2](inference/case/heatmap_slice_2.png)"
+    ) in text
 
 
 def test_report_reads_a_chance_level_auc_as_not_learned() -> None:
