@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline.workflow.ranking import ranked_cuts
+
 __all__ = [
     "plot_heatmap_slice",
     "plot_precision_recall",
@@ -211,6 +213,17 @@ def plot_heatmap_slice(
     return save_figure(figure, path, dpi=80)
 
 
+def _finish_rate_axes(axis: Any, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
+    """Unit-square limits, labels, title, legend and grid of a curve of rates (ROC, precision-recall)."""
+    axis.set_xlim(-0.01, 1.01)
+    axis.set_ylim(-0.01, 1.01)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(loc=legend_loc, fontsize=8)
+    axis.grid(alpha=0.3)
+
+
 def roc_curve(
     labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
 ) -> tuple[np.ndarray, ...]:
@@ -224,11 +237,9 @@ def roc_curve(
     positives, negatives = int(labels.sum()), int((1 - labels).sum())
     if positives == 0 or negatives == 0:
         return np.array([0.0, 1.0]), np.array([0.0, 1.0]), np.float64(np.nan)
-    order = np.argsort(-scores, kind="stable")
-    scores, labels = scores[order], labels[order]
-    distinct = np.r_[np.nonzero(np.diff(scores))[0], labels.size - 1]
-    tpr = np.r_[0.0, np.cumsum(labels)[distinct] / positives]
-    fpr = np.r_[0.0, np.cumsum(1 - labels)[distinct] / negatives]
+    _, cuts, true_positives = ranked_cuts(scores, labels)
+    tpr = np.r_[0.0, true_positives / positives]
+    fpr = np.r_[0.0, (cuts + 1 - true_positives) / negatives]
     return fpr, tpr, np.float64(np.trapezoid(tpr, fpr))
 
 
@@ -249,13 +260,8 @@ def plot_roc(
         areas[name] = float(area)
         axis.plot(fpr, tpr, lw=2, label=f"{name} (AUC {area:.3f}, n = {len(labels)})")
     axis.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="chance")
-    axis.set_xlim(-0.01, 1.01)
-    axis.set_ylim(-0.01, 1.01)
-    axis.set_xlabel("false positive rate (1 - specificity)")
-    axis.set_ylabel("true positive rate (sensitivity)")
-    axis.set_title(title)
-    axis.legend(loc="lower right", fontsize=8)
-    axis.grid(alpha=0.3)
+    rates = ("false positive rate (1 - specificity)", "true positive rate (sensitivity)")
+    _finish_rate_axes(axis, *rates, title, "lower right")
     save_figure(figure, path)
     return areas
 
@@ -275,15 +281,10 @@ def precision_recall_curve(
     scores = np.asarray(scores, dtype=float).reshape(-1)
     positives = int(labels.sum())
     callable_ = np.isfinite(scores)
-    scores, labels_called = scores[callable_], labels[callable_]
-    if positives == 0 or scores.size == 0:
+    if positives == 0 or not callable_.any():
         return np.array([1.0]), np.array([0.0])
-    order = np.argsort(-scores, kind="stable")
-    scores, labels_called = scores[order], labels_called[order]
-    distinct = np.r_[np.nonzero(np.diff(scores))[0], scores.size - 1]
-    true_positives = np.cumsum(labels_called)[distinct]
-    called = distinct + 1
-    return true_positives / called, true_positives / positives
+    _, cuts, true_positives = ranked_cuts(scores[callable_], labels[callable_])
+    return true_positives / (cuts + 1), true_positives / positives
 
 
 def plot_precision_recall(
@@ -308,13 +309,7 @@ def plot_precision_recall(
     for (name, (point_recall, point_precision)), marker in zip((points or {}).items(), "os^Dv"):
         f1 = 2 * point_recall * point_precision / max(point_recall + point_precision, 1e-12)
         axis.plot([point_recall], [point_precision], marker, ms=9, label=f"{name} (F1 {f1:.3f})")
-    axis.set_xlim(-0.01, 1.01)
-    axis.set_ylim(-0.01, 1.01)
-    axis.set_xlabel("recall (sensitivity)")
-    axis.set_ylabel("precision")
-    axis.set_title(title)
-    axis.legend(loc="lower left", fontsize=8)
-    axis.grid(alpha=0.3)
+    _finish_rate_axes(axis, "recall (sensitivity)", "precision", title, "lower left")
     return save_figure(figure, path)
 
 

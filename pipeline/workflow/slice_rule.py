@@ -24,6 +24,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from pipeline.workflow.inferer import unwrap_network
+from pipeline.workflow.ranking import ranked_cuts
 
 __all__ = ["PAPER_RULE", "SliceRuleCalibrator", "TunedSliceRule", "network_slice_rule", "tune_slice_rule"]
 
@@ -81,21 +82,16 @@ def tune_slice_rule(probabilities: Any, scores: Any, labels: Any) -> TunedSliceR
         return best
     for threshold in _midpoints(probabilities)[::-1]:
         gated = probabilities >= threshold
-        order = np.argsort(-scores[gated], kind="stable")
-        ranked_scores = scores[gated][order]
-        true_positives = np.cumsum(labels[gated][order])
-        called = np.arange(1, ranked_scores.size + 1)
-        # a cut is only possible where the next score differs (ties are called together)
-        last_of_tie = np.append(ranked_scores[1:] < ranked_scores[:-1], True)
-        f1 = 2 * true_positives / (called + positives)
-        f1 = np.where(last_of_tie, f1, -1.0)
-        if f1.size == 0:
+        ranked_scores, cuts, true_positives = ranked_cuts(scores[gated], labels[gated])
+        if cuts.size == 0:
             continue
+        f1 = 2 * true_positives / (cuts + 1 + positives)
         k = int(np.argmax(f1))
         if f1[k] > best.f1 + 1e-12:
-            below = ranked_scores[k + 1] if k + 1 < ranked_scores.size else ranked_scores[k] - 1.0
+            last = cuts[k]
+            below = ranked_scores[last + 1] if last + 1 < ranked_scores.size else ranked_scores[last] - 1.0
             best = TunedSliceRule(
-                tau=float((ranked_scores[k] + below) / 2), threshold=float(threshold), f1=float(f1[k])
+                tau=float((ranked_scores[last] + below) / 2), threshold=float(threshold), f1=float(f1[k])
             )
     return best
 
