@@ -327,9 +327,10 @@ def _largest_regions(
     candidates = [int(i) for i in np.argsort(volumes_l)[::-1] if min_l <= volumes_l[i] <= max_l]
     if len(candidates) > 1:
         up = labels if head_last else labels[:, :, ::-1]
-        under = _under_another(up, count, candidates)
+        boxes = ndimage.find_objects(up, max_label=max(candidates))
+        under = _under_another(up, boxes, count, candidates)
         candidates = [i for i in candidates if i not in under]
-        at_bottom = _cut_open_at_bottom(up, candidates)
+        at_bottom = _cut_open_at_bottom(up, boxes, candidates)
         if sum(volumes_l[i] for i in candidates if i not in at_bottom) >= min_lungs_l:
             candidates = [i for i in candidates if i not in at_bottom]
     largest_l = volumes_l[candidates[0]] if candidates else 0.0
@@ -339,20 +340,24 @@ def _largest_regions(
     return keep[labels], [float(volumes_l[i]) for i in kept]
 
 
-def _cut_open_at_bottom(labels: np.ndarray, candidates: list[int]) -> set[int]:
+def _wide_at_bottom(areas: np.ndarray) -> bool:
+    """Whether a region with cross-sections ``areas`` (per slice, bottom first) is cut wide by the bottom."""
+    return bool(areas[0] > 0 and areas[0] >= _MAX_BOTTOM_SHARE * areas.max())
+
+
+def _cut_open_at_bottom(labels: np.ndarray, boxes: list, candidates: list[int]) -> set[int]:
     """The candidate regions whose cross-section in the bottom slice (index 0) is wide, not a lung's tip.
 
     A chest scan often stops inside one lung's base, which then reaches the bottom slice with a small
-    share of its largest cross-section; gas cut by the scan's bottom is cut wide open.
+    share of its largest cross-section; gas cut by the scan's bottom is cut wide open. ``boxes``: the
+    regions' bounding boxes (``ndimage.find_objects``).
     """
-    bottom_areas = np.bincount(labels[:, :, 0].ravel(), minlength=max(candidates) + 1)
-    boxes = ndimage.find_objects(labels, max_label=max(candidates))
     wide = set()
     for index in candidates:
-        if bottom_areas[index] == 0:
+        box = boxes[index - 1]
+        if box[2].start > 0:  # clear of the bottom slice
             continue
-        largest_area = np.count_nonzero(labels[boxes[index - 1]] == index, axis=(0, 1)).max()
-        if bottom_areas[index] >= _MAX_BOTTOM_SHARE * largest_area:
+        if _wide_at_bottom(np.count_nonzero(labels[box] == index, axis=(0, 1))):
             wide.add(index)
     return wide
 
@@ -365,23 +370,23 @@ def _check_not_only_at_bottom(lungs: np.ndarray, head_last: bool, name: str) -> 
     stops inside them: either way the mask cannot be trusted.
     """
     areas = np.count_nonzero(lungs, axis=(0, 1))
-    bottom, top = (areas[0], areas[-1]) if head_last else (areas[-1], areas[0])
-    if top == 0 and bottom >= _MAX_BOTTOM_SHARE * areas.max():
+    areas = areas if head_last else areas[::-1]
+    if areas[-1] == 0 and _wide_at_bottom(areas):
         raise NoLungFoundError(
             f"{name}: no lung found (scan bottom check): the air found reaches the scan's bottom slice with "
-            f"{bottom / areas.max():.0%} of its largest cross-section and not its top slice: gas below the "
+            f"{areas[0] / areas.max():.0%} of its largest cross-section and not its top slice: gas below the "
             "diaphragm, or a scan that stops inside the lungs; the lung mask cannot be trusted"
         )
 
 
-def _under_another(labels: np.ndarray, count: int, candidates: list[int]) -> set[int]:
+def _under_another(labels: np.ndarray, boxes: list, count: int, candidates: list[int]) -> set[int]:
     """The candidate regions with most of their footprint under another candidate (slice index 0 = feet).
 
     A region lies under another in a column (x, y) when the other has voxels higher up in that column than
     the region's top. Gas in the stomach and bowel lies under the domes of the lungs; a lung lies under no
-    other air region (the airways above it cover little of its footprint).
+    other air region (the airways above it cover little of its footprint). ``boxes``: the regions'
+    bounding boxes (``ndimage.find_objects``).
     """
-    boxes = ndimage.find_objects(labels, max_label=max(candidates))
     is_candidate = np.zeros(count + 1, dtype=bool)
     is_candidate[candidates] = True
     under = set()
