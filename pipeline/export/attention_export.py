@@ -156,8 +156,10 @@ class SliceAttentionSaver:
         self._case_ids: set[str] = set()
 
     def attach(self, engine: Engine) -> None:
-        """Register on ``engine``: reset at ``STARTED``, save at each ``ITERATION_COMPLETED``."""
+        """Register on ``engine``: reset at ``STARTED``, read the slice rule at ``EPOCH_STARTED``
+        (after a checkpoint restored at ``STARTED``), save at each ``ITERATION_COMPLETED``."""
         engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.read_slice_rule)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self.write_tables)
 
@@ -167,10 +169,13 @@ class SliceAttentionSaver:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.write_tables()
 
-    def __call__(self, engine: Engine) -> None:
+    def read_slice_rule(self, engine: Engine) -> None:
+        """Take the slice rule for this run: the given values, else the engine network's stored ones."""
         self.slice_rule = network_slice_rule(
             getattr(engine, "network", None), self.slice_tau, self.slice_threshold
         )
+
+    def __call__(self, engine: Engine) -> None:
         batch, output = engine.state.batch, engine.state.output
         if not isinstance(output, list):
             output = decollate_batch(output, detach=True)

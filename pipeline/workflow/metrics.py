@@ -277,10 +277,14 @@ class SliceMetrics(Metric):
         self._volumes = 0
         self._rule = network_slice_rule(None, self.tau, self.threshold)
 
+    def started(self, engine: Any) -> None:
+        """Reset, and read the rule once: the engine network's stored rule is fixed during a run."""
+        super().started(engine)
+        self._rule = network_slice_rule(getattr(engine, "network", None), self.tau, self.threshold)
+
     @torch.no_grad()
     def iteration_completed(self, engine: Any) -> None:
         """Pair each volume's output with its batch entry (for the slice labels), then update."""
-        self._rule = network_slice_rule(getattr(engine, "network", None), self.tau, self.threshold)
         outputs, batch = _items(engine.state.output), _items(engine.state.batch)
         for result, item in zip(outputs, batch):
             label = result.get(self.label_key, item.get(self.label_key))
