@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import locale
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,34 +42,52 @@ def write_dicom_series(
     import itk
 
     folder.mkdir(parents=True, exist_ok=True)
-    for k in range(volume_hu.shape[2]):
-        image = itk.image_from_array(np.ascontiguousarray(volume_hu[:, :, k].T.astype(np.int16)))
-        image.SetSpacing([float(spacing[0]), float(spacing[1])])
-        meta = image.GetMetaDataDictionary()
-        tags = {
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{series_uid}.{k + 1}",
-            "0008|0021": "20200401",
-            "0008|0060": modality,
-            "0018|0050": f"{spacing[2]:.3f}",
-            "0020|000d": STUDY_UID,
-            "0020|000e": series_uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": f"0\\0\\{k * spacing[2]:.3f}",
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0028|0030": f"{spacing[1]:.4f}\\{spacing[0]:.4f}",
-            "0028|1052": "0",
-            "0028|1053": "1",
-        }
-        for key, value in tags.items():
-            meta[key] = value
-        image_io = itk.GDCMImageIO.New()
-        image_io.KeepOriginalUIDOn()
-        writer = itk.ImageFileWriter[type(image)].New(
-            Input=image, FileName=os.fspath(folder / f"{prefix}_{k:03d}.dcm"), ImageIO=image_io
-        )
-        writer.Update()
+    # GDCM's writer leaves the process in the C locale (ASCII), which later tests would inherit.
+    with _locale_kept():
+        for k in range(volume_hu.shape[2]):
+            image = itk.image_from_array(np.ascontiguousarray(volume_hu[:, :, k].T.astype(np.int16)))
+            image.SetSpacing([float(spacing[0]), float(spacing[1])])
+            meta = image.GetMetaDataDictionary()
+            tags = {
+                "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+                "0008|0018": f"{series_uid}.{k + 1}",
+                "0008|0021": "20200401",
+                "0008|0060": modality,
+                "0018|0050": f"{spacing[2]:.3f}",
+                "0020|000d": STUDY_UID,
+                "0020|000e": series_uid,
+                "0020|0013": str(k + 1),
+                "0020|0032": f"0\\0\\{k * spacing[2]:.3f}",
+                "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0028|0030": f"{spacing[1]:.4f}\\{spacing[0]:.4f}",
+                "0028|1052": "0",
+                "0028|1053": "1",
+            }
+            for key, value in tags.items():
+                meta[key] = value
+            image_io = itk.GDCMImageIO.New()
+            image_io.KeepOriginalUIDOn()
+            writer = itk.ImageFileWriter[type(image)].New(
+                Input=image, FileName=os.fspath(folder / f"{prefix}_{k:03d}.dcm"), ImageIO=image_io
+            )
+            writer.Update()
     return folder
+
+
+@contextmanager
+def _locale_kept() -> Iterator[None]:
+    """Restore the process locale on leaving."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def test_writing_a_dicom_series_keeps_the_process_locale(tmp_path: Path) -> None:
+    before = locale.setlocale(locale.LC_ALL)
+    write_dicom_series(np.zeros((8, 8, 2), dtype=np.int16), (1.0, 1.0, 2.0), tmp_path, "1.2.3")
+    assert locale.setlocale(locale.LC_ALL) == before
 
 
 def _tiny_volume(slices: int = 3) -> np.ndarray:
