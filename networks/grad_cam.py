@@ -8,6 +8,13 @@ module computes exactly the map of MONAI's ``monai.visualize.GradCAM`` on a whol
 pass (ReLU of the gradient-weighted sum of the target layer's channels, upsampled bilinearly),
 but only for the slices asked for and a chunk of slices at a time, so memory stays bounded on
 long volumes.
+
+For the last stage, whose global average pool is the slice feature, the chain rule needs no
+second pass at all: the gradient of the logit with respect to that stage's maps is the
+gradient with respect to the pooled feature spread evenly over the map's cells.
+:func:`attention_and_pooled_grad_cam` therefore returns the logits, the attention and every
+slice's map from one inference pass (the stage's maps kept by a hook, one backward through
+the small BiLSTM head), equal to :func:`slice_grad_cam` for that layer.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["slice_grad_cam"]
+__all__ = ["DEFAULT_TARGET_LAYER", "POOLED_LAYER", "attention_and_pooled_grad_cam", "slice_grad_cam"]
 
-DEFAULT_TARGET_LAYER = "encoder.backbone.layer4"
+POOLED_LAYER = "encoder.backbone.layer4"
+"""ResNext+'s last ResNeXt stage: its global average pool is the slice feature."""
+DEFAULT_TARGET_LAYER = POOLED_LAYER
 
 
 @contextlib.contextmanager
@@ -73,11 +82,11 @@ def slice_grad_cam(
         return maps
     step = chunk or depth
     layer = model.get_submodule(target_layer)
-    all_slices = torch.as_tensor(volume).float().permute(0, 4, 1, 2, 3)[0]  # (S, C, H, W)
+    all_slices = _prepared_slices(model, torch.as_tensor(volume).permute(0, 4, 1, 2, 3)[0])  # (S, C, H, W)
 
     with _eval_mode(model):
         with torch.no_grad():
-            features = torch.cat([model.encoder(part.contiguous()) for part in all_slices.split(step)])
+            features = torch.cat([model.encoder(part) for part in all_slices.split(step)])
         with torch.enable_grad():
             features.requires_grad_(True)
             logits, _ = model.classify_slice_features(features[None])
@@ -90,6 +99,61 @@ def slice_grad_cam(
     return maps
 
 
+def _prepared_slices(model: nn.Module, slices: Tensor) -> Tensor:
+    """``slices`` as the model's CNN takes them (its dtype and memory format when it says so)."""
+    prepare = getattr(model, "prepared_slices", None)
+    return prepare(slices) if callable(prepare) else slices.float().contiguous()
+
+
+def attention_and_pooled_grad_cam(
+    model: nn.Module, volumes: Tensor, class_index: int = 1, pooled_layer: str = POOLED_LAYER
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits, slice attention and the Grad-CAM of ``pooled_layer`` for every slice, in one pass.
+
+    ``model`` must be a :class:`~networks.resnext_plus.ResNextPlus`-like network: an
+    ``encode_slices`` whose features are the global average pool of ``pooled_layer``'s output,
+    and ``classify_slice_features``. Call it in eval mode; the CNN runs without gradients
+    (under an enclosing ``torch.no_grad()`` or autocast as the caller set them), and only the
+    head after it is differentiated.
+
+    Args:
+        model: the network.
+        volumes: ``(B, C, H, W, S)`` network input.
+        class_index: the logit explained (1: COVID-19).
+        pooled_layer: dotted name of the layer whose pooled output is the slice feature.
+
+    Returns:
+        ``logits`` ``(B, num_classes)``, ``attention`` ``(B, S)`` and non-negative maps
+        ``(B, S, h, w)`` on the layer's grid (``h = H / 32`` for ResNeXt), float32, not
+        normalised: bilinearly upsampled to ``(H, W)`` they are :func:`slice_grad_cam`'s maps.
+    """
+    if volumes.dim() != 5:
+        raise ValueError(f"expected volumes of shape (B, C, H, W, S), got {list(volumes.shape)}")
+    batch, channels, height, width, depth = volumes.shape
+    captured: list[Tensor] = []
+    handle = model.get_submodule(pooled_layer).register_forward_hook(
+        lambda _module, _inputs, output: captured.append(output.detach())
+    )
+    try:
+        with torch.no_grad():
+            slices = volumes.permute(0, 4, 1, 2, 3).reshape(batch * depth, channels, height, width)
+            features = model.encode_slices(slices)
+    finally:
+        handle.remove()
+    activations = torch.cat(captured)  # (B * S, K, h, w)
+    if activations.shape[0] != batch * depth:
+        raise RuntimeError(f"{pooled_layer} ran {activations.shape[0]} times for {batch * depth} slices")
+    with torch.enable_grad():
+        pooled = features.detach().reshape(batch, depth, -1).requires_grad_(True)
+        logits, attention = model.classify_slice_features(pooled)
+        (feature_grads,) = torch.autograd.grad(logits[:, class_index].sum(), pooled)
+    cells = activations.shape[2] * activations.shape[3]
+    # d logit / d map = (d logit / d pooled feature) / cells at every cell: Grad-CAM's weights
+    weights = feature_grads.reshape(batch * depth, -1).float() / cells
+    cams = F.relu(torch.einsum("nk,nkhw->nhw", weights, activations.float()))
+    return logits.detach(), attention.detach(), cams.reshape(batch, depth, *cams.shape[1:])
+
+
 def _chunk_cam(
     model: nn.Module, layer: nn.Module, slices: Tensor, feature_grads: Tensor, size: tuple[int, int]
 ) -> Tensor:
@@ -97,7 +161,7 @@ def _chunk_cam(
     handle = layer.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
     try:
         # the input requires grad so that the activations are in the graph even with frozen weights
-        features = model.encoder(slices.contiguous().requires_grad_(True))
+        features = model.encoder(slices.detach().requires_grad_(True))
     finally:
         handle.remove()
     activations = captured[-1]

@@ -138,13 +138,17 @@ class ResNextPlus(nn.Module):
         checkpoint_slices: in training, recompute each chunk's CNN activations during backward
             instead of storing them (same gradients, far less memory). Requires
             ``slice_chunk``. TorchScript ignores it.
+        channels_last: keep the CNN's convolution weights and its slices in the channels-last
+            memory format, which oneDNN (CPU) and cuDNN (GPU, mixed precision) convolve faster;
+            the results are the same up to floating-point rounding.
 
     Shape:
         ``x``: ``(B, C, H, W, S)``, channel 0 the CT slices windowed to [0, 1], channel 1 the
-        lung mask; ``S`` slices in axial order, any ``S >= 1``. The slices of all ``B``
-        volumes form the CNN's batch, so that in training batch-norm statistics span several
-        volumes when ``B > 1`` (one volume's slices alone would partly normalise away what sets
-        that volume apart from the others). Returns logits ``(B, num_classes)``.
+        lung mask; ``S`` slices in axial order, any ``S >= 1``. The slices of all ``B`` volumes
+        form the CNN's batch, so that in training batch-norm statistics span several volumes
+        when ``B > 1`` (one volume's slices alone would partly normalise away what sets that
+        volume apart from the others). Any dtype: a compact float16 input is cast to the
+        weights' dtype one slice chunk at a time. Returns logits ``(B, num_classes)``.
 
     Attributes:
         slice_rule: the slice rule's ``tau`` and volume ``threshold``
@@ -167,6 +171,7 @@ class ResNextPlus(nn.Module):
         slice_chunk: int | None = None,
         checkpoint_slices: bool = False,
         attention_temperature: float = 1.0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if slice_chunk is not None and slice_chunk < 1:
@@ -176,6 +181,7 @@ class ResNextPlus(nn.Module):
         self.in_channels = 2 if use_mask else 1
         self.slice_chunk = slice_chunk
         self.checkpoint_slices = checkpoint_slices
+        self.channels_last = channels_last
         self.freeze_bn_stats = bool(pretrained is not None if freeze_bn_stats is None else freeze_bn_stats)
 
         self.encoder = SliceEncoder(use_mask, use_cbam, cbam_reduction, spatial_kernel)
@@ -198,6 +204,8 @@ class ResNextPlus(nn.Module):
         if pretrained is not None:
             load_pretrained(self.encoder.backbone, pretrained)
             self.encoder.init_mask_stem_from_ct_stem()
+        if channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> ResNextPlus:
         """Set training mode; batch-norm layers stay in eval mode when their stats are frozen."""
@@ -228,17 +236,24 @@ class ResNextPlus(nn.Module):
         """
         chunk = self.slice_chunk
         if chunk is None:
-            return self.encoder(slices.contiguous())
+            return self.encoder(self.prepared_slices(slices))
         parts: list[Tensor] = []
         # split, not indexing: indexing a collated batch of MetaTensors along the batch
         # dimension makes MONAI look for per-item meta data, which the slices do not have.
         for part in slices.split(chunk):
-            part = part.contiguous()
+            part = self.prepared_slices(part)
             if self.checkpoint_slices and self.training and not torch.jit.is_scripting():
                 parts.append(self._encode_checkpointed(part))
             else:
                 parts.append(self.encoder(part))
         return torch.cat(parts, dim=0)
+
+    def prepared_slices(self, slices: Tensor) -> Tensor:
+        """``(N, C, H, W)`` slices in the CNN's dtype and memory format (one copy at most)."""
+        dtype = self.lstm.weight_ih_l0.dtype  # the model's parameter dtype, whatever its encoder
+        if self.channels_last:
+            return slices.to(dtype=dtype, memory_format=torch.channels_last)
+        return slices.to(dtype=dtype).contiguous()
 
     @torch.jit.export
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -269,8 +284,21 @@ class ResNextPlus(nn.Module):
             features: ``(B, S, 2048)`` CNN features of each volume's slices, in axial order.
 
         Returns:
-            Logits ``(B, num_classes)`` and attention weights ``(B, S)``.
+            Logits ``(B, num_classes)`` and attention weights ``(B, S)``, in float32 also under
+            autocast: the head is cheap, and the attention softmax and the volume probability
+            would lose their small differences in bfloat16.
         """
+        if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript skips only this exact guard)
+            if torch.is_autocast_enabled(features.device.type):
+                return self._classify_in_float32(features)
+        return self._classify(features)
+
+    @torch.jit.unused
+    def _classify_in_float32(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.autocast(features.device.type, enabled=False):
+            return self._classify(features.float())
+
+    def _classify(self, features: Tensor) -> tuple[Tensor, Tensor]:
         slice_features, _ = self.lstm(features)
         pooled, attention = self.slice_pooling(slice_features)
         return self.classifier(pooled), attention

@@ -97,6 +97,8 @@ class SliceAttentionSaver:
         output_dir: folder of the outputs (created).
         pred_key: key of the class probabilities in the output.
         attention_key: key of the slice attention in the output.
+        cam_key: key of the per-slice Grad-CAM maps ``(S, h, w)`` in the output, when the
+            inferer computed them (passed on to ``heatmaps``).
         image_key: key of the (preprocessed) image in the batch.
         case_id_key: key of the case id in the batch.
         slice_indices_key: key of the original slice indices in the batch.
@@ -112,7 +114,8 @@ class SliceAttentionSaver:
         save_figures: write ``slice_attention.png`` per case (about 0.3 s each on a CPU).
         figure_kwargs: extra arguments of :func:`pipeline.export.figures.plot_slice_attention`.
         heatmaps: called for each scored case as ``heatmaps(case_dir, image, slice_pred,
-            slice_indices, case_id)`` with the network input ``(C, H, W, S)``, e.g. a
+            slice_indices, case_id, cams)`` with the network input ``(C, H, W, S)`` and the
+            maps under ``cam_key`` (``None`` when absent), e.g. a
             :class:`~pipeline.export.heatmap_export.SliceHeatmapWriter`; ``None``: no heatmaps.
     """
 
@@ -121,6 +124,7 @@ class SliceAttentionSaver:
         output_dir: str | os.PathLike,
         pred_key: str = "pred",
         attention_key: str = "attention",
+        cam_key: str = "cam",
         image_key: str = "image",
         case_id_key: str = "case_id",
         slice_indices_key: str = "slice_indices",
@@ -137,6 +141,7 @@ class SliceAttentionSaver:
         self.output_dir = Path(output_dir)
         self.pred_key = pred_key
         self.attention_key = attention_key
+        self.cam_key = cam_key
         self.image_key = image_key
         self.case_id_key = case_id_key
         self.slice_indices_key = slice_indices_key
@@ -261,7 +266,7 @@ class SliceAttentionSaver:
         self.predictions.append(row)
 
         if self.heatmaps is not None and isinstance(image_tensor, torch.Tensor) and image_tensor.ndim == 4:
-            self.heatmaps(case_dir, image_tensor, slice_pred, indices, case_id)
+            self.heatmaps(case_dir, image_tensor, slice_pred, indices, case_id, result.get(self.cam_key))
         if self.save_figures:
             from pipeline.export.figures import plot_slice_attention
 

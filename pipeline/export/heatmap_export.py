@@ -77,6 +77,7 @@ class SliceHeatmapWriter:
         slice_pred: Sequence[int] | np.ndarray,
         slice_indices: Sequence[int] | np.ndarray,
         case_id: str | None = None,
+        cams: torch.Tensor | None = None,
     ) -> Path:
         """Write the heatmaps of one case.
 
@@ -87,6 +88,8 @@ class SliceHeatmapWriter:
             slice_pred: ``(S,)`` 0/1 slice predictions; the positive slices are mapped.
             slice_indices: ``(S,)`` index of each slice in the volume on disk (PNG names).
             case_id: shown in the PNG titles.
+            cams: ``(S, h, w)`` Grad-CAM maps of ``target_layer`` from the inference pass, when
+                it computed them (then the CNN does not run again), else ``None``.
 
         Returns:
             The path of ``heatmap.nii.gz``.
@@ -94,7 +97,7 @@ class SliceHeatmapWriter:
         case_dir = Path(case_dir)
         for stale in case_dir.glob(HEATMAP_PNG.format(index="*")):  # a previous run's calls
             stale.unlink()
-        heatmap = volume_heatmap(self.network, image, slice_pred, self.target_layer, self.slice_chunk)
+        heatmap = volume_heatmap(self.network, image, slice_pred, self.target_layer, self.slice_chunk, cams)
         values, affine = to_input_grid(heatmap, getattr(image, "meta", {}))
         path = write_nifti(case_dir / HEATMAP_NIFTI, values, affine)
         if self.save_figures:

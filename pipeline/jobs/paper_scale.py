@@ -29,9 +29,13 @@ PAPER_SIZE = 512
 
 
 def write_paper_scale_data(
-    out_dir: str | os.PathLike, base_ct: str | os.PathLike, slices: int = 64, seed: int = 0
+    out_dir: str | os.PathLike,
+    base_ct: str | os.PathLike,
+    slices: int = 64,
+    seed: int = 0,
+    size: int = PAPER_SIZE,
 ) -> Path:
-    """Write two 512 x 512 x ``slices`` volumes made from ``base_ct`` and their ``datalist.json``.
+    """Write two ``size`` x ``size`` x ``slices`` volumes made from ``base_ct`` and their ``datalist.json``.
 
     The positive volume holds inserted lesions, the negative one none; both train, and the
     positive one also validates (one epoch needs no held-out data to be timed).
@@ -40,7 +44,7 @@ def write_paper_scale_data(
         The datalist's path.
     """
     out_dir = Path(out_dir)
-    base = load_base_scan(base_ct, size=PAPER_SIZE, slices=slices)
+    base = load_base_scan(base_ct, size=size, slices=slices)
     items = []
     for label in (1, 0):
         volume = make_base_volume(base, label, 0, seed=seed)

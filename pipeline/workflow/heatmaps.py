@@ -1,7 +1,9 @@
 """In-slice heatmaps of a scored volume: Grad-CAM on the network grid, then back on the input's grid.
 
-:func:`volume_heatmap` maps the predicted-positive slices of a preprocessed volume with
-:func:`networks.grad_cam.slice_grad_cam` (zeros elsewhere) and scales the volume's maps to
+:func:`volume_heatmap` maps the predicted-positive slices of a preprocessed volume (zeros
+elsewhere): from the maps the inference pass already computed when it has them (the pooled
+layer's, see :class:`~pipeline.workflow.inferer.SliceAttentionInferer`), else with
+:func:`networks.grad_cam.slice_grad_cam`, which runs the CNN again. It scales the volume's maps to
 [0, 1] together, so that a weakly suspicious slice also looks weak. :func:`to_input_grid`
 undoes the preprocessing's reorientation, in-plane resize and central crop by resampling the
 map from the network input's affine onto the image as loaded (``original_affine`` and
@@ -21,6 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 from monai.utils import convert_to_tensor
 from torch import nn
+from torch.nn import functional as F
 
 from networks.grad_cam import DEFAULT_TARGET_LAYER, slice_grad_cam
 from pipeline.workflow.inferer import unwrap_network
@@ -34,6 +37,7 @@ def volume_heatmap(
     slice_pred: Sequence[int] | np.ndarray | torch.Tensor,
     target_layer: str = DEFAULT_TARGET_LAYER,
     slice_chunk: int | None = 8,
+    cams: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grad-CAM of the COVID-19 logit on the predicted-positive slices of one volume.
 
@@ -43,19 +47,26 @@ def volume_heatmap(
         slice_pred: ``(S,)`` 0/1 slice predictions; only slices marked 1 are mapped.
         target_layer: dotted name of the network layer whose maps are weighted.
         slice_chunk: slices through the CNN at a time (bounds the memory).
+        cams: ``(S, h, w)`` maps of ``target_layer`` for every slice from the inference pass, or
+            ``None`` to compute them; they are upsampled bilinearly to ``(H, W)``, as
+            :func:`~networks.grad_cam.slice_grad_cam` does.
 
     Returns:
         ``(H, W, S)`` float32 on the CPU, in [0, 1] (1 at the volume's hottest point), zero on
         the other slices and everywhere when no slice is positive or the maps vanish.
     """
-    module = unwrap_network(network)
-    device = next(module.parameters()).device
-    volume = torch.as_tensor(image).to(device=device, dtype=torch.float32)[None]
     positive = np.flatnonzero(np.asarray(torch.as_tensor(slice_pred).cpu()).reshape(-1))
-    heatmap = torch.zeros(volume.shape[2:], dtype=torch.float32)
+    heatmap = torch.zeros(image.shape[1:], dtype=torch.float32)
     if positive.size == 0:
         return heatmap
-    maps = slice_grad_cam(module, volume, positive.tolist(), target_layer=target_layer, chunk=slice_chunk)
+    if cams is not None:
+        chosen = torch.as_tensor(cams)[torch.as_tensor(positive)].float()[:, None]
+        maps = F.interpolate(chosen, size=heatmap.shape[:2], mode="bilinear", align_corners=False)[:, 0]
+    else:
+        module = unwrap_network(network)
+        device = next(module.parameters()).device
+        volume = convert_to_tensor(image, track_meta=False).to(device=device)[None]
+        maps = slice_grad_cam(module, volume, positive.tolist(), target_layer=target_layer, chunk=slice_chunk)
     peak = maps.max()
     if peak > 0:
         heatmap[..., torch.as_tensor(positive)] = (maps / peak).permute(1, 2, 0).float().cpu()

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from networks import ResNextPlus
-from networks.grad_cam import slice_grad_cam
+from networks.grad_cam import attention_and_pooled_grad_cam, slice_grad_cam
 from tests.networks.test_resnext_plus import build, volumes
 
 SIZE, SLICES, RADIUS = 32, 4, 4
@@ -43,6 +43,26 @@ def test_equals_monai_grad_cam_on_the_whole_volume(chunk: int | None) -> None:
     subset = slice_grad_cam(model, x, [3, 1], chunk=chunk)
     torch.testing.assert_close(subset, maps[[3, 1]], rtol=1e-4, atol=1e-9)
     assert not model.training
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_pooled_layer_maps_from_the_inference_pass_equal_the_recomputed_ones(chunk: int | None) -> None:
+    model = build(seed=2, lstm_hidden=16, fc_hidden=16, slice_chunk=chunk).eval()
+    x = volumes(2, 5, size=64)
+
+    logits, attention, cams = attention_and_pooled_grad_cam(model, x)
+
+    assert cams.shape == (2, 5, 2, 2) and cams.dtype == torch.float32 and (cams >= 0).all()
+    expected_logits, expected_attention = model.forward_with_attention(x)
+    torch.testing.assert_close(logits, expected_logits.detach())
+    torch.testing.assert_close(attention, expected_attention.detach())
+    for index in range(2):
+        recomputed = slice_grad_cam(model, x[index : index + 1], range(5))
+        upsampled = F.interpolate(cams[index][:, None], size=(64, 64), mode="bilinear", align_corners=False)[
+            :, 0
+        ]
+        assert recomputed.abs().max() > 0
+        torch.testing.assert_close(upsampled, recomputed, rtol=1e-4, atol=1e-7)
 
 
 def test_no_slices_and_bad_input() -> None:

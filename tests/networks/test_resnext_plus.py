@@ -276,3 +276,52 @@ def test_monai_verify_net_in_out(tmp_path):
         config_file=str(tmp_path / "inference.json"),
         device="cpu",
     )
+
+
+def test_channels_last_gives_the_same_scores_and_gradients() -> None:
+    x = volumes(1, 4, size=64)
+    results = []
+    for dtype, channels_last in ((torch.float64, False), (torch.float32, False), (torch.float32, True)):
+        model = build(seed=3, channels_last=channels_last).to(dtype)
+        open_residual_branches(model)
+        logits, attention = model.forward_with_attention(x.to(dtype))
+        logits[0, 1].backward()
+        results.append((logits, attention, model.encoder.backbone.conv1.weight.grad))
+    assert results[2][2].is_contiguous(memory_format=torch.channels_last)
+
+    exact, standard, channels_last = ([t.detach().double() for t in result] for result in results)
+    torch.testing.assert_close(channels_last[0], standard[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(channels_last[1], standard[1], rtol=1e-4, atol=1e-5)
+    # the stem's gradient passes 50 layers of batch statistics over 4 slices: float32 rounding
+    # shows at the percent level in either memory format, against the float64 gradient
+    for result in (standard, channels_last):
+        assert float((result[2] - exact[2]).norm() / exact[2].norm()) < 0.05
+
+
+def test_compact_float16_input_is_cast_to_the_weights_dtype() -> None:
+    model = build(seed=4, slice_chunk=3).eval()
+    x = volumes(1, 5, size=64)
+
+    with torch.no_grad():
+        compact = model(x.half())
+        full = model(x.half().float())
+
+    assert compact.dtype == torch.float32
+    torch.testing.assert_close(compact, full)
+
+
+def test_slice_head_stays_float32_under_bfloat16_autocast() -> None:
+    model = build(seed=5, lstm_hidden=16, fc_hidden=16).eval()
+    x = volumes(1, 6, size=64)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, attention = model.forward_with_attention(x)
+        cnn_features = model.encode_slices(x.permute(0, 4, 1, 2, 3).reshape(6, 2, 64, 64))
+    with torch.no_grad():
+        reference_logits, reference_attention = model.forward_with_attention(x)
+
+    assert cnn_features.dtype == torch.bfloat16  # the CNN did run in reduced precision
+    assert logits.dtype == attention.dtype == torch.float32
+    torch.testing.assert_close(attention.sum(dim=1), torch.ones(1))
+    torch.testing.assert_close(logits.softmax(1), reference_logits.softmax(1), atol=0.02, rtol=0)
+    torch.testing.assert_close(attention, reference_attention, atol=0.02, rtol=0)

@@ -101,3 +101,27 @@ def test_evaluator_output_follows_the_contract(network: ResNextPlus) -> None:
         assert item["image"].meta["filename_or_obj"] == case["image"].meta["filename_or_obj"]
         assert torch.equal(item["slice_indices"], case["slice_indices"])
         assert torch.equal(item["slice_labels"], case["slice_labels"])
+
+
+def test_inferer_adds_the_pooled_layer_grad_cam_of_every_slice(network: ResNextPlus) -> None:
+    inputs = torch.rand(1, 2, 64, 64, 5)
+
+    with torch.no_grad():
+        out = SliceAttentionInferer(slice_chunk=2, grad_cam_layer="encoder.backbone.layer4")(inputs, network)
+        plain = SliceAttentionInferer()(inputs, network)
+        other_layer = SliceAttentionInferer(grad_cam_layer="encoder.backbone.layer3")(inputs, network)
+
+    assert out["cam"].shape == (1, 5, 2, 2)
+    torch.testing.assert_close(out["logits"], plain["logits"])
+    assert "cam" not in other_layer  # left to slice_grad_cam, which runs the CNN again
+
+
+def test_cpu_bf16_keeps_probabilities_in_float32(network: ResNextPlus) -> None:
+    inputs = torch.rand(1, 2, 64, 64, 5)
+
+    with torch.no_grad():
+        reduced = SliceAttentionInferer(cpu_bf16=True)(inputs, network)
+        full = SliceAttentionInferer()(inputs, network)
+
+    assert reduced["logits"].dtype == reduced["attention"].dtype == torch.float32
+    torch.testing.assert_close(reduced["logits"].softmax(1), full["logits"].softmax(1), atol=0.02, rtol=0)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor, PersistentDataset, list_data_collate
-from monai.transforms import Compose, ScaleIntensityRanged
+from monai.transforms import CastToTyped, Compose, ScaleIntensityRanged
 
+from networks import ResNextPlus
 from pipeline.data.datalist import load_datalist
 from pipeline.workflow.preprocessing import (
     cache_subdir,
@@ -53,7 +54,7 @@ def test_evaluation_chain_makes_the_network_input(cases: dict[int, dict]) -> Non
     data = Compose(evaluation_transforms(**SIZES))(item)
 
     image = data["image"]
-    assert isinstance(image, MetaTensor) and image.dtype == torch.float32
+    assert isinstance(image, MetaTensor) and image.dtype == torch.float16  # compact, as cached
     assert image.shape == (2, 32, 32, 8)
     assert float(image[0].min()) >= 0.0 and float(image[0].max()) <= 1.0
     assert set(torch.unique(image[1]).tolist()) == {0.0, 1.0}  # lung mask found and binary
@@ -239,3 +240,38 @@ def test_stochastic_enhancement_is_cacheable(cases: dict[int, dict], preprocesse
     assert first["image"].shape == preprocessed[1]["image"].shape
     assert float(first["image"].min()) >= 0.0 and float(first["image"].max()) <= 1.0
     assert not torch.allclose(first["image"], preprocessed[1]["image"])
+
+
+def test_cached_volumes_are_stored_compactly_within_float16_rounding(cases: dict[int, dict]) -> None:
+    chain = deterministic_transforms(**SIZES)
+    assert isinstance(chain[-1], CastToTyped)  # the compact storage is the chain's last step
+    float32_reference = Compose(chain[:-1])(dict(cases[1]))
+
+    compact = Compose(chain)(dict(cases[1]))
+    network_input = Compose(evaluation_transforms(**SIZES))(dict(cases[1]))
+
+    assert compact["image"].dtype == torch.float16 and compact["mask"].dtype == torch.uint8
+    assert isinstance(compact["image"], MetaTensor) and compact["image"].meta["filename_or_obj"]
+    reference = float32_reference["image"].float()
+    assert float((compact["image"].float() - reference).abs().max()) <= 2**-12  # float16 in [0, 1]
+    assert torch.equal(compact["mask"].float(), float32_reference["mask"].float())
+    assert network_input["image"].dtype == torch.float16
+    assert torch.equal(network_input["image"][0].float(), compact["image"][0].float())
+
+    torch.manual_seed(0)
+    network = ResNextPlus(lstm_hidden=8, fc_hidden=8).eval()
+    full_input = torch.cat([reference, float32_reference["mask"].float()])[None]
+    with torch.no_grad():
+        expected = network(full_input).softmax(1)
+        actual = network(network_input["image"].as_tensor()[None]).softmax(1)
+    torch.testing.assert_close(actual, expected, atol=1e-3, rtol=0)
+
+
+def test_training_expands_the_sampled_slices_to_float32(preprocessed: dict[int, dict]) -> None:
+    item = {**preprocessed[1], "label": 1}
+    chain = Compose(training_transforms(num_slices=4, augment_prob=1.0) + network_input_transforms())
+    chain.set_random_state(seed=0)
+
+    data = chain(item)
+
+    assert data["image"].dtype == torch.float32 and data["image"].shape == (2, 32, 32, 4)
