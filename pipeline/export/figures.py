@@ -10,7 +10,7 @@ import csv
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from pipeline.workflow.ranking import ranked_cuts
 
 __all__ = [
     "plot_heatmap_slice",
+    "plot_heatmap_slices",
     "plot_precision_recall",
     "plot_roc",
     "plot_slice_attention",
@@ -41,20 +42,23 @@ LABEL_COLOUR = "#ff9896"
 CURVE_COLOUR = "#1f77b4"
 
 
-def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save ``figure`` as PNG through a temporary file and a rename, then close it."""
+def save_figure(
+    figure: Figure, path: str | os.PathLike, dpi: int = 110, close: bool = True, bbox_inches: Any = "tight"
+) -> Path:
+    """Save ``figure`` as PNG through a temporary file and a rename, then close it unless told not to."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
     os.close(handle)
     try:
-        figure.savefig(temporary, dpi=dpi, format="png", bbox_inches="tight")
+        figure.savefig(temporary, dpi=dpi, format="png", bbox_inches=bbox_inches)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     finally:
-        plt.close(figure)
+        if close:
+            plt.close(figure)
     return path
 
 
@@ -201,16 +205,52 @@ def plot_heatmap_slice(
         alpha: opacity of the heatmap at its hottest point (0 where it is 0).
         size_inches: width and height of the figure.
     """
-    heat = np.clip(_display(heatmap_slice), 0.0, 1.0)
-    figure, axis = plt.subplots(figsize=(size_inches, size_inches))
-    axis.imshow(_display(ct_slice), cmap="gray", vmin=0, vmax=1)
-    overlay = axis.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=alpha * heat)
-    figure.colorbar(overlay, ax=axis, fraction=0.046, pad=0.04)
-    if title:
-        axis.set_title(title, fontsize=9)
-    axis.set_xticks([])
-    axis.set_yticks([])
-    return save_figure(figure, path, dpi=80)
+    return plot_heatmap_slices([(path, ct_slice, heatmap_slice, title)], alpha, size_inches)[0]
+
+
+def plot_heatmap_slices(
+    slices: Iterable[tuple[str | os.PathLike, np.ndarray, np.ndarray, str | None]],
+    alpha: float = 0.45,
+    size_inches: float = 3.0,
+) -> list[Path]:
+    """Write several slices with their heatmaps as :func:`plot_heatmap_slice` does, one PNG each.
+
+    The figure, its axes and colour bar are built and laid out once (the first slice's tight
+    bounding box serves them all) and only the images and the title change from slice to
+    slice, which makes the many PNGs of a volume several times cheaper.
+
+    Args:
+        slices: ``(path, ct_slice, heatmap_slice, title)`` for each PNG.
+        alpha: opacity of the heatmap at its hottest point (0 where it is 0).
+        size_inches: width and height of the figure.
+
+    Returns:
+        The paths written, in order.
+    """
+    figure = axis = grey = overlay = bounds = None
+    paths: list[Path] = []
+    try:
+        for path, ct_slice, heatmap_slice, title in slices:
+            heat = np.clip(_display(heatmap_slice), 0.0, 1.0)
+            if figure is None:
+                figure, axis = plt.subplots(figsize=(size_inches, size_inches))
+                grey = axis.imshow(_display(ct_slice), cmap="gray", vmin=0, vmax=1)
+                overlay = axis.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=alpha * heat)
+                figure.colorbar(overlay, ax=axis, fraction=0.046, pad=0.04)
+                axis.set_xticks([])
+                axis.set_yticks([])
+                axis.set_title("slice", fontsize=9)
+                bounds = figure.get_tightbbox().padded(0.1)  # as savefig's tight box, in inches
+            else:
+                grey.set_data(_display(ct_slice))
+                overlay.set_data(heat)
+                overlay.set_alpha(alpha * heat)
+            axis.set_title(title or "", fontsize=9)
+            paths.append(save_figure(figure, path, dpi=80, close=False, bbox_inches=bounds))
+    finally:
+        if figure is not None:
+            plt.close(figure)
+    return paths
 
 
 def _finish_rate_axes(axis: Any, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.data.atomic_files import atomic_write_bytes
-from pipeline.export.figures import plot_heatmap_slice
+from pipeline.export.figures import plot_heatmap_slices
 from pipeline.workflow.heatmaps import DEFAULT_TARGET_LAYER, to_input_grid, volume_heatmap
 
 __all__ = ["HEATMAP_NIFTI", "HEATMAP_PNG", "SliceHeatmapWriter", "write_nifti"]
@@ -103,12 +103,14 @@ class SliceHeatmapWriter:
         if self.save_figures:
             ct = torch.as_tensor(image)[0].detach().float().cpu().numpy()
             indices = np.asarray(slice_indices).reshape(-1)
-            for position in np.flatnonzero(np.asarray(slice_pred).reshape(-1)):
-                index = int(indices[position])
-                plot_heatmap_slice(
-                    case_dir / HEATMAP_PNG.format(index=index),
+            maps = heatmap.numpy()
+            plot_heatmap_slices(
+                (
+                    case_dir / HEATMAP_PNG.format(index=int(indices[position])),
                     ct[..., position],
-                    heatmap[..., position].numpy(),
-                    title=f"{case_id or case_dir.name}, slice {index}",
+                    maps[..., position],
+                    f"{case_id or case_dir.name}, slice {int(indices[position])}",
                 )
+                for position in np.flatnonzero(np.asarray(slice_pred).reshape(-1))
+            )
         return path
