@@ -29,7 +29,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ __all__ = [
     "QUICK",
     "DemoResult",
     "DemoSettings",
+    "demo_run_overrides",
     "learning_rate_text",
     "make_demo_datalist",
     "run_bundle",
@@ -279,6 +280,19 @@ def _bundle_overrides(out_dir: Path, datalist: Path, settings: DemoSettings) -> 
         "num_slices": settings.slices,
         **dict(settings.overrides),
     }
+
+
+def demo_run_overrides(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The bundle overrides a finished demo run trained and evaluated with (its ``settings.json``).
+
+    Lets a later evaluation of the run (e.g. ``benchmarks/bench_precision.py``) score the same
+    data with the same network and preprocessing settings.
+    """
+    out_dir = Path(out_dir)
+    record = json.loads((out_dir / "settings.json").read_text())
+    known = {item.name for item in fields(DemoSettings)}
+    settings = DemoSettings(**{key: value for key, value in record.items() if key in known})
+    return _bundle_overrides(out_dir, out_dir / "data" / "datalist.json", settings)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
