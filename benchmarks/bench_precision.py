@@ -1,7 +1,7 @@
 """CPU bfloat16 autocast against float32 on a trained run's test split; prints a table.
 
 ``evaluate.json`` scores the test split of a finished ``python -m pipeline demo`` run (its data,
-checkpoint and settings) twice in this process, with ``cpu_bf16`` off and on, and writes every
+checkpoint and settings) in this process, once to warm up, then with ``cpu_bf16`` off and on, and writes every
 case's P(COVID-19) and slice attention. The table shows the time of each evaluation, the volume
 ROC AUC and the slice F1 of the stored (tuned) rule, and how far bfloat16 moves each case's
 probability and attention (attention x N, N slices, so that 1 is a uniform share) and how many
