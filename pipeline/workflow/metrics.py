@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import ignite.distributed as idist
 import torch
 from ignite.metrics import Metric
 from monai.data import decollate_batch
@@ -139,16 +140,6 @@ def _gather(values: list[float], dtype: torch.dtype = torch.float64) -> np.ndarr
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         tensor = evenly_divisible_all_gather(tensor, concat=True)
     return tensor.reshape(-1).cpu().numpy()
-
-
-def _rank() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if distributed else 0
-
-
-def _world_size() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_world_size() if distributed else 1
 
 
 def _prefixed(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -348,7 +339,7 @@ class SliceMetrics(Metric):
         self._scores.extend((weights * weights.size).tolist())
         self._probabilities.extend([probability] * weights.size)
         self._in_positive.extend([positive_volume] * weights.size)
-        self._volume_keys.extend([self._volumes * _world_size() + _rank()] * weights.size)
+        self._volume_keys.extend([self._volumes * idist.get_world_size() + idist.get_rank()] * weights.size)
         self._volumes += 1
 
     def compute(self) -> dict[str, Any]:
