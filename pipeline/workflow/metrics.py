@@ -27,8 +27,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.metrics import Metric
 from monai.data import decollate_batch
