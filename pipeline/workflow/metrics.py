@@ -33,9 +33,9 @@ import torch
 from ignite.metrics import Metric
 from monai.data import decollate_batch
 from monai.metrics import compute_confusion_matrix_metric, compute_roc_auc, get_confusion_matrix
-from monai.utils import evenly_divisible_all_gather
 
 from pipeline.workflow.calibration import expected_calibration_error
+from pipeline.workflow.distributed import gather_values
 from pipeline.workflow.intervals import BootstrapSettings, slice_intervals, volume_intervals
 from pipeline.workflow.slice_rule import network_slice_rule, tune_slice_rule
 
@@ -136,10 +136,7 @@ def _items(data: Any) -> list:
 
 def _gather(values: list[float], dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Concatenate ``values`` across distributed processes (unchanged in a single process)."""
-    tensor = torch.as_tensor(values, dtype=dtype).reshape(-1, 1)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        tensor = evenly_divisible_all_gather(tensor, concat=True)
-    return tensor.reshape(-1).cpu().numpy()
+    return gather_values(values, dtype)
 
 
 def _prefixed(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from ignite.engine import Engine
 
-from pipeline.workflow.calibration import expected_calibration_error, reliability_bins
+from networks import SliceRule, TemperatureScaling
+from pipeline.workflow.calibration import (
+    TemperatureCalibrator,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+)
 
 
 def test_ece_by_hand() -> None:
@@ -38,3 +46,67 @@ def test_reliability_bins_count_and_average() -> None:
     assert np.isnan(bins.mean_probability[1])
     with pytest.raises(ValueError, match="lie in"):
         reliability_bins([1.5], [1])
+
+
+def test_fit_temperature_recovers_the_temperature_of_overconfident_log_odds() -> None:
+    rng = np.random.default_rng(0)
+    log_odds = rng.normal(0, 2, 4000)
+    labels = (rng.random(4000) < 1 / (1 + np.exp(-log_odds))).astype(int)
+    assert fit_temperature(3.0 * log_odds, labels) == pytest.approx(3.0, rel=0.1)
+    assert fit_temperature([1.0, 2.0], [1, 1]) == 1.0  # one class: nothing to fit
+
+
+class _Network(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calibration = TemperatureScaling()
+        self.slice_rule = SliceRule(threshold=0.8)
+
+
+def _validate(calibrator: TemperatureCalibrator, log_odds: np.ndarray, labels: np.ndarray) -> Engine:
+    """One validation epoch whose outputs carry logits ``[0, log-odds / T]`` under the stored T."""
+    temperature = float(calibrator.network.calibration.temperature)
+
+    def step(engine: Engine, index: int) -> list[dict]:
+        logits = torch.tensor([0.0, log_odds[index] / temperature])
+        return [{"logits": logits, "label": torch.tensor(int(labels[index]))}]
+
+    engine = Engine(step)
+    calibrator.attach(engine)
+    engine.run(range(len(labels)))
+    return engine
+
+
+def test_calibrator_keeps_a_temperature_that_lowers_the_validation_ece() -> None:
+    rng = np.random.default_rng(1)
+    log_odds = rng.normal(0, 2, 400)
+    labels = (rng.random(400) < 1 / (1 + np.exp(-log_odds))).astype(int)
+    network = _Network()
+    calibrator = TemperatureCalibrator(network)
+
+    engine = _validate(calibrator, 4.0 * log_odds, labels)  # over-confident by a factor 4
+
+    temperature = float(network.calibration.temperature)
+    assert temperature == pytest.approx(4.0, rel=0.25)
+    metrics = engine.state.metrics
+    assert metrics["calibration_temperature"] == pytest.approx(temperature)
+    assert metrics["calibration_ece"] < metrics["calibration_ece_unscaled"]
+    # the slice threshold 0.8 (log-odds 1.386 unscaled) is carried over: same volumes pass it
+    assert float(network.slice_rule.threshold) == pytest.approx(1 / (1 + np.exp(-np.log(4) / temperature)))
+
+    # a second validation sees the scaled logits, recovers the unscaled ones, fits the same T
+    _validate(calibrator, 4.0 * log_odds, labels)
+    assert float(network.calibration.temperature) == pytest.approx(temperature, rel=1e-4)
+
+
+def test_a_disabled_calibrator_keeps_t_at_one_and_reports_the_ece() -> None:
+    log_odds = np.array([-3.0, -1.0, 1.0, 3.0])
+    labels = np.array([0, 0, 1, 1])
+    network = _Network()
+    calibrator = TemperatureCalibrator(network, enabled=False)
+    engine = _validate(calibrator, log_odds, labels)
+    assert float(network.calibration.temperature) == 1.0
+    assert float(network.slice_rule.threshold) == pytest.approx(0.8)
+    assert engine.state.metrics["calibration_ece"] == engine.state.metrics["calibration_ece_unscaled"]
+    with pytest.raises(TypeError, match="no calibration"):
+        TemperatureCalibrator(torch.nn.Linear(2, 2))
