@@ -726,6 +726,8 @@ def summary_line(result: DemoResult) -> str:
     auc = volume.get("auc")
     total = result.timings.get("total", float("nan"))
     auc_text = "n/a" if auc is None or (isinstance(auc, float) and np.isnan(auc)) else f"{auc:.3f}"
+    if auc_text != "n/a" and volume.get("auc_ci"):
+        auc_text += " [{:.3f}, {:.3f}]".format(*volume["auc_ci"])
     return (
         f"test ROC AUC {auc_text}, accuracy {volume.get('acc', float('nan')):.3f} "
         f"on {volume.get('count', '?')} volumes; {total:.0f} s in all; report: {result.report}"
