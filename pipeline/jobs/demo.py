@@ -556,7 +556,8 @@ def _calibration(
         f"because it lowered the validation ECE; on the test split the ECE is "
         f"{errors['unscaled (T = 1)']:.3f} without it. It changes no decision and no AUC."
         if temperature != 1
-        else "No temperature is stored (T = 1): scaling did not lower the validation ECE, or was off."
+        else "No temperature is stored (T = 1): temperature scaling is off (the bundle's "
+        "`temperature_scaling`), or it did not lower the validation ECE."
     )
     return [
         "## Calibration",

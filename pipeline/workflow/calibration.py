@@ -13,7 +13,9 @@ decision and no ranking, only how sure the probabilities are. :class:`Temperatur
 fits it after each validation and stores it in the network
 (:class:`~networks.temperature.TemperatureScaling`) only when it lowers the validation ECE;
 otherwise ``T = 1``. The best checkpoint then carries the temperature of its own epoch, as it
-carries its slice rule.
+carries its slice rule. The bundle leaves it off by default (``temperature_scaling``): the
+validation split also chooses the best epoch, so it is more separable than the test split, and
+a temperature fitted on a small one can make the test probabilities over-confident.
 """
 
 from __future__ import annotations

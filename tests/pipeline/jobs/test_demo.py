@@ -129,7 +129,7 @@ def test_report_calibration_compares_the_stored_temperature_with_none(tmp_path: 
     assert "0.250 [0.100, 0.400]" in notes[1] and "T = 2.000 was fitted on the validation split" in notes[1]
     assert matplotlib.image.imread(tmp_path / "reliability.png").ndim == 3
     notes = _calibration(tmp_path / "other.png", (labels, probabilities), metrics, tmp_path / "absent.pt")
-    assert "No temperature is stored (T = 1)" in notes[1]
+    assert "No temperature is stored (T = 1): temperature scaling is off" in notes[1]
 
 
 def test_report_reads_a_chance_level_auc_as_not_learned() -> None:
