@@ -6,6 +6,7 @@ from networks.pretrained import PretrainedLoadResult, load_pretrained
 from networks.resnext import Bottleneck, ResNeXt, resnext50_32x4d
 from networks.resnext_plus import ResNextPlus, SliceEncoder
 from networks.slice_attention import MeanSlicePooling, SliceAttention, SliceRule
+from networks.temperature import TemperatureScaling
 
 __all__ = [
     "CBAM",
@@ -20,6 +21,7 @@ __all__ = [
     "SliceEncoder",
     "SliceRule",
     "SpatialAttention",
+    "TemperatureScaling",
     "describe_contents",
     "load_pretrained",
     "require_model_weights",

@@ -23,6 +23,7 @@ from networks.cbam import CBAM
 from networks.pretrained import load_pretrained
 from networks.resnext import resnext50_32x4d
 from networks.slice_attention import MeanSlicePooling, SliceAttention, SliceRule
+from networks.temperature import TemperatureScaling
 
 __all__ = ["ResNextPlus", "SliceEncoder"]
 
@@ -154,6 +155,9 @@ class ResNextPlus(nn.Module):
         slice_rule: the slice rule's ``tau`` and volume ``threshold``
             (:class:`~networks.slice_attention.SliceRule`), saved with the weights; training
             tunes them on validation data.
+        calibration: the temperature that divides the logits in evaluation mode
+            (:class:`~networks.temperature.TemperatureScaling`; 1 until training fits one on
+            validation data), saved with the weights.
     """
 
     def __init__(
@@ -201,6 +205,7 @@ class ResNextPlus(nn.Module):
             nn.Linear(slice_features, fc_hidden), nn.ReLU(inplace=True), nn.Linear(fc_hidden, num_classes)
         )
         self.slice_rule = SliceRule()
+        self.calibration = TemperatureScaling()
         if pretrained is not None:
             load_pretrained(self.encoder.backbone, pretrained)
             self.encoder.init_mask_stem_from_ct_stem()
@@ -301,7 +306,7 @@ class ResNextPlus(nn.Module):
     def _classify(self, features: Tensor) -> tuple[Tensor, Tensor]:
         slice_features, _ = self.lstm(features)
         pooled, attention = self.slice_pooling(slice_features)
-        return self.classifier(pooled), attention
+        return self.calibration(self.classifier(pooled)), attention
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_attention(x)[0]

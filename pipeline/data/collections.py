@@ -22,7 +22,10 @@ Layouts (:data:`LAYOUTS`):
 
 A mask gives the case's slice labels (:func:`slice_labels_from_mask`). Cases are split into
 training, validation and test by patient (no patient in two splits), each class on its own
-(stratified), shuffled with the seed.
+(stratified), shuffled with the seed. A class with too few patients for every split fills
+training first, then test, then validation, and a warning names each split left without a
+class. With ``all_test`` every case goes to ``test``: a collection kept for external
+validation of a trained model (``evaluate.json``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ import numpy as np
 from pipeline.data.atomic_files import atomic_write_csv, atomic_write_text
 from pipeline.data.cases import case_id_from_path, discover_cases, unique_case_ids
 from pipeline.data.datalist import axial_axis, axial_slice_count, check_image_file
-from pipeline.data.demo_data import split_volumes
 
 __all__ = [
     "LAYOUTS",
@@ -55,6 +57,7 @@ __all__ = [
     "mosmed_collection",
     "slice_labels_from_mask",
     "split_by_patient",
+    "split_patients",
 ]
 
 logger = logging.getLogger(__name__)
@@ -417,27 +420,100 @@ def _usable(case: CollectionCase) -> dict | CaseError:
     return item
 
 
+def _split_counts(count: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Validation and test patients of a class of ``count``.
+
+    Each split with a positive fraction wants its share, and at least one patient; training
+    (when the fractions leave it a share) at least one. When ``count`` is too small, the splits
+    give way in turn: validation down to one patient, test down to one, validation to none,
+    test to none.
+    """
+    wanted = {
+        "validation": max(1, round(val_fraction * count)) if val_fraction > 0 else 0,
+        "test": max(1, round(test_fraction * count)) if test_fraction > 0 else 0,
+        "training": 1 if val_fraction + test_fraction < 1 else 0,
+    }
+    if wanted["training"] == 0:  # no share for training: validation takes what test leaves
+        wanted["validation"] = count - min(wanted["test"], count)
+    excess = sum(wanted.values()) - count
+    for split, floor in (("validation", 1), ("test", 1), ("validation", 0), ("test", 0), ("training", 0)):
+        cut = max(0, min(excess, wanted[split] - floor))
+        wanted[split] -= cut
+        excess -= cut
+    return wanted["validation"], wanted["test"]
+
+
+def split_patients(
+    n_positive: int, n_negative: int, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, dict[int, list[int]]]:
+    """Patient indices of each class for training, validation and test, as well as the counts allow.
+
+    The cut is that of :func:`pipeline.data.demo_data.split_volumes` whenever that one can fill
+    every split (the same seed gives the same split); with fewer patients, training is filled
+    first, then test, then validation.
+
+    Raises:
+        CollectionError: fractions below 0 or summing to more than 1.
+    """
+    if not (val_fraction >= 0 and test_fraction >= 0 and val_fraction + test_fraction <= 1):
+        raise CollectionError(
+            f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be at least 0 "
+            "and sum to at most 1"
+        )
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
+    splits: dict[str, dict[int, list[int]]] = {split: {} for split in SPLITS}
+    for label, count in ((1, n_positive), (0, n_negative)):
+        n_val, n_test = _split_counts(count, val_fraction, test_fraction)
+        order = rng.permutation(count)
+        splits["validation"][label] = sorted(order[:n_val].tolist())
+        splits["test"][label] = sorted(order[n_val : n_val + n_test].tolist())
+        splits["training"][label] = sorted(order[n_val + n_test :].tolist())
+    return splits
+
+
 def split_by_patient(
-    cases: list[CollectionCase], val_fraction: float, test_fraction: float, seed: int
+    cases: list[CollectionCase],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    all_test: bool = False,
 ) -> dict[str, list[CollectionCase]]:
     """Training, validation and test cases; every patient's cases in one split, classes stratified.
 
     A patient counts as positive when any of its cases is. Each class's patients are shuffled
-    with ``seed`` and cut by the fractions (at least one patient per split and class).
+    with ``seed`` and cut by the fractions (:func:`split_patients`); a split left without a
+    class is named in a warning. With ``all_test`` every case goes to ``test``.
 
     Raises:
-        CollectionError: a class has too few patients to put one in every split.
+        CollectionError: fractions below 0 or summing to more than 1.
     """
+    if all_test:
+        return {split: list(cases) if split == "test" else [] for split in SPLITS}
     patients: dict[str, int] = {}
     for case in cases:
         patients[case.patient] = max(patients.get(case.patient, 0), case.label)
     by_label = {label: sorted(p for p, v in patients.items() if v == label) for label in (1, 0)}
-    try:
-        splits = split_volumes(
-            len(by_label[1]), len(by_label[0]), val_fraction, test_fraction, seed, "patients"
-        )
-    except ValueError as error:
-        raise CollectionError(str(error)) from None
+    splits = split_patients(len(by_label[1]), len(by_label[0]), val_fraction, test_fraction, seed)
+    for split, indices in splits.items():
+        missing = [name for label, name in ((1, "COVID-19"), (0, "negative")) if not indices[label]]
+        if len(missing) == 2:
+            logger.warning(
+                "the %s split is empty: %d COVID-19 and %d negative patients are too few to fill "
+                "it with val_fraction %s and test_fraction %s",
+                split,
+                len(by_label[1]),
+                len(by_label[0]),
+                val_fraction,
+                test_fraction,
+            )
+        elif missing:
+            logger.warning(
+                "the %s split has no %s patient (%d %s patients in all)",
+                split,
+                missing[0],
+                len(by_label[1] if missing[0] == "COVID-19" else by_label[0]),
+                missing[0],
+            )
     assigned = {
         patient: split
         for split, indices in splits.items()
@@ -464,6 +540,7 @@ def make_datalist(
     seed: int = 0,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
+    all_test: bool = False,
 ) -> CollectionResult:
     """Write ``OUT_DIR/datalist.json`` and ``OUT_DIR/errors.csv`` for a collection on disk.
 
@@ -483,12 +560,15 @@ def make_datalist(
         seed: seed of the split.
         val_fraction: share of each class's patients in validation.
         test_fraction: share of each class's patients in test.
+        all_test: put every case in ``test`` (the fractions are ignored): a collection for
+            evaluating a trained model.
 
     Returns:
         The files written and the counts.
 
     Raises:
-        CollectionError: unknown layout, unreadable collection, or too few usable patients.
+        CollectionError: unknown layout, unreadable collection, no usable case, or fractions
+            below 0 or summing to more than 1.
     """
     if layout == "folders":
         cases, errors = folder_collection(root, positive, negative, patient_regex)
@@ -514,7 +594,7 @@ def make_datalist(
         logger.warning("%s: %s", error.image, error.reason)
     if not usable:
         raise CollectionError(f"{root}: no usable case ({len(errors)} in {errors_file})")
-    splits = split_by_patient(usable, val_fraction, test_fraction, seed)
+    splits = split_by_patient(usable, val_fraction, test_fraction, seed, all_test)
     case_ids = dict(zip(map(id, usable), unique_case_ids(case.name for case in usable)))
     datalist = {
         split: [

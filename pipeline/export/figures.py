@@ -21,12 +21,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline.workflow.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 from pipeline.workflow.ranking import ranked_cuts
 
 __all__ = [
     "plot_heatmap_slice",
     "plot_heatmap_slices",
     "plot_precision_recall",
+    "plot_reliability",
     "plot_roc",
     "plot_slice_attention",
     "plot_training_curves",
@@ -351,6 +353,51 @@ def plot_precision_recall(
         axis.plot([point_recall], [point_precision], marker, ms=9, label=f"{name} (F1 {f1:.3f})")
     _finish_rate_axes(axis, "recall (sensitivity)", "precision", title, "lower left")
     return save_figure(figure, path)
+
+
+def plot_reliability(
+    path: str | os.PathLike,
+    curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    bins: int = ECE_BINS,
+    title: str = "reliability diagram",
+) -> dict[str, float]:
+    """Draw a reliability diagram: per probability bin, the share of positives against the mean probability.
+
+    Below it, how many samples fall in each bin. A calibrated probability lies on the diagonal.
+
+    Args:
+        path: the PNG to write.
+        curves: name -> (labels, probabilities of the positive class), drawn on the same axes.
+        bins: equal-width bins over [0, 1].
+        title: the figure's title.
+
+    Returns:
+        The expected calibration error of each curve, by name.
+    """
+    figure, (axis, counts_axis) = plt.subplots(
+        2, 1, figsize=(5.2, 6.2), sharex=True, gridspec_kw={"height_ratios": (3, 1)}
+    )
+    errors = {}
+    width = 1.0 / bins / max(len(curves), 1)
+    for position, (name, (labels, probabilities)) in enumerate(curves.items()):
+        table = reliability_bins(probabilities, labels, bins)
+        errors[name] = float(expected_calibration_error(probabilities, labels, bins))
+        filled = table.counts > 0
+        axis.plot(
+            table.mean_probability[filled],
+            table.positive_rate[filled],
+            "o-",
+            lw=2,
+            label=f"{name} (ECE {errors[name]:.3f}, n = {len(labels)})",
+        )
+        counts_axis.bar(table.edges[:-1] + (position + 0.5) * width, table.counts, width=width, label=name)
+    axis.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="calibrated")
+    _finish_rate_axes(axis, "", "share of COVID-19 volumes", title, "upper left")
+    counts_axis.set_xlabel("predicted probability of COVID-19 (bin mean)")
+    counts_axis.set_ylabel("volumes")
+    counts_axis.grid(alpha=0.3)
+    save_figure(figure, path)
+    return errors
 
 
 def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:

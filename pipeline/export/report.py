@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.data.atomic_files import atomic_write_text
 
-__all__ = ["METRIC_NAMES", "AttentionExample", "Report", "markdown_table", "metrics_table"]
+__all__ = ["METRIC_NAMES", "AttentionExample", "Report", "markdown_table", "metrics_table", "with_interval"]
 
 METRIC_NAMES: dict[str, str] = {
     "acc": "Accuracy (ACC)",
@@ -53,15 +53,40 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
     return "\n".join(lines)
 
 
+def with_interval(value: Any, interval: Sequence[float] | None, digits: int = 3) -> str:
+    """A metric and its confidence interval: ``0.964 [0.93, 0.99]`` (bounds to ``digits - 1`` decimals)."""
+    text = _format(float(value) if value is not None else None, digits)
+    if interval is None or value is None or text == "n/a":
+        return text
+    low, high = (_format(float(bound), max(digits - 1, 1)) for bound in interval)
+    return f"{text} [{low}, {high}]"
+
+
 def metrics_table(levels: Mapping[str, Mapping[str, Any]], names: Mapping[str, str] = METRIC_NAMES) -> str:
     """One row per metric, one column per level (e.g. ``{"volume level": {...}, "slice level": {...}}``).
 
     The level names are the column headers. Metric keys are matched case-insensitively; a level lacking
-    a metric shows ``-``.
+    a metric shows ``-``; a metric with an interval (``<key>_ci``) shows it in brackets.
     """
     lowered = {level: {str(k).lower(): v for k, v in values.items()} for level, values in levels.items()}
-    rows = [[title, *(lowered[level].get(key) for level in levels)] for key, title in names.items()]
+
+    def cell(values: Mapping[str, Any], key: str) -> Any:
+        if values.get(f"{key}_ci") is None:
+            return values.get(key)
+        return with_interval(values.get(key), values[f"{key}_ci"])
+
+    rows = [[title, *(cell(lowered[level], key) for level in levels)] for key, title in names.items()]
     return markdown_table(["Metric", *levels], rows)
+
+
+def _interval_note(levels: Mapping[str, Mapping[str, Any]]) -> str:
+    """What the brackets of :func:`metrics_table` mean, when a level has intervals."""
+    if not any(str(key).endswith("_ci") for values in levels.values() for key in values):
+        return ""
+    return (
+        "In brackets: 95% bootstrap confidence intervals (test volumes resampled with replacement "
+        "within each class, at slice level each volume with all its slices; percentile intervals)."
+    )
 
 
 def confusion_table(matrix: Sequence[Sequence[int]]) -> str:
@@ -124,7 +149,7 @@ class Report:
         if self.summary:
             parts += ["## Run", markdown_table(["", ""], [[k, v] for k, v in self.summary.items()], "ll")]
         if self.metrics:
-            parts += ["## Metrics", metrics_table(self.metrics)]
+            parts += ["## Metrics", metrics_table(self.metrics), _interval_note(self.metrics)]
             parts.append(
                 "Slice level: a slice is predicted positive when its volume's probability of COVID-19 "
                 "reaches the rule's threshold and its attention weight exceeds tau / N (N slices "

@@ -5,14 +5,22 @@ Table 2 the ablations (N-SCA, N-MSCA, N-SLA, proposed); each has a volume-level 
 slice-level block. The columns are the paper's (Table 2 has no REC, which equals SEN) plus the
 ROC AUC. Without slice attention (N-SLA) the attention is uniform, so no slice is singled out:
 its slice-level row reads ``NA`` as in the paper.
+
+A cell shows the metric with its bootstrap confidence interval in brackets when the run's
+metrics hold one (``<metric>_ci``), and ``mean ± SD`` over training seeds for a row that
+:func:`seed_summary` made from several runs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
+
+from pipeline.export.report import with_interval
 
 __all__ = [
     "ABLATION_COLUMNS",
@@ -20,9 +28,11 @@ __all__ = [
     "LEVELS",
     "LEVEL_NAMES",
     "RunResult",
+    "format_cell",
     "format_value",
     "metrics_table",
     "render_results",
+    "seed_summary",
     "timing_table",
 ]
 
@@ -71,6 +81,61 @@ def format_value(value: Any, digits: int = 3) -> str:
     return f"{float(value):.{digits}f}"
 
 
+def format_cell(measured: Mapping[str, Any], column: str) -> str:
+    """A table cell: ``mean ± SD`` over seeds, else the value with its interval, else the value."""
+    value = measured.get(column)
+    if measured.get(f"{column}_sd") is not None and format_value(value) != "n/a":
+        return f"{format_value(value)} ± {format_value(measured[f'{column}_sd'])}"
+    if measured.get(f"{column}_seeds") == 1 and format_value(value) != "n/a":
+        return f"{format_value(value)} (1 seed)"
+    if measured.get(f"{column}_ci") is not None and format_value(value) != "n/a":
+        return with_interval(value, measured[f"{column}_ci"])
+    return format_value(value)
+
+
+def seed_summary(runs: Sequence[RunResult]) -> RunResult:
+    """One row from the runs of one setting trained with different seeds: mean and SD per metric.
+
+    Each metric's mean is over the seeds where it is defined, ``<metric>_sd`` the sample standard
+    deviation (``None`` with fewer than two such seeds); ``<metric>_seeds`` counts them. Times
+    are the means; ``name``, ``label`` and settings are the first run's.
+
+    Raises:
+        ValueError: no runs.
+    """
+    if not runs:
+        raise ValueError("no runs to summarise")
+    metrics: dict[str, dict[str, Any]] = {}
+    for level in LEVELS:
+        keys = [k for k, v in runs[0].metrics.get(level, {}).items() if _is_number(v) or v is None]
+        summary: dict[str, Any] = {}
+        for key in keys:
+            raw = [run.metrics.get(level, {}).get(key) for run in runs]
+            values = np.array([_number(value) for value in raw])
+            values = values[np.isfinite(values)]
+            mean = float(values.mean()) if values.size else None
+            counts = all(isinstance(value, int) for value in raw) and mean is not None and mean.is_integer()
+            summary[key] = int(mean) if counts else mean
+            summary[f"{key}_sd"] = float(values.std(ddof=1)) if values.size > 1 else None
+            summary[f"{key}_seeds"] = int(values.size)
+        if keys:
+            metrics[level] = summary
+    return replace(
+        runs[0],
+        metrics=metrics,
+        train_seconds=float(np.mean([run.train_seconds for run in runs])),
+        eval_seconds=float(np.mean([run.eval_seconds for run in runs])),
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float:
+    return float(value) if _is_number(value) else math.nan
+
+
 def metrics_table(rows: Sequence[RunResult], columns: Sequence[str]) -> str:
     """One markdown table: a block per level of :data:`LEVELS`, one row per run.
 
@@ -90,7 +155,7 @@ def metrics_table(rows: Sequence[RunResult], columns: Sequence[str]) -> str:
                 values = ["NA"] * len(columns)
             else:
                 measured = run.metrics.get(level, {})
-                values = [format_value(measured.get(column)) for column in columns]
+                values = [format_cell(measured, column) for column in columns]
             lines.append("| " + " | ".join([level_text, run.label, *values]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,12 @@ machine). The tables go to ``OUT/results.md`` (:mod:`pipeline.export.results_tab
 
 A run whose ``run.json`` was written with the same budget, seed and data is not repeated, so an
 interrupted study picks up where it stopped.
+
+With ``seeds=N`` every run is trained N times, with training seeds ``seed .. seed + N - 1`` on
+the same data and split (made with ``seed``); the tables then show the mean and the standard
+deviation over the seeds, and each seed's own tables, with their bootstrap confidence
+intervals, follow. The runs of the first seed are those of a one-seed study, in
+``runs/<run>/``; the others go to ``runs/<run>-seed<k>/``.
 """
 
 from __future__ import annotations
@@ -45,7 +51,15 @@ import torch
 
 from pipeline.data.atomic_files import atomic_write_text
 from pipeline.data.base_ct import AUTO_BASE_CT, resolve_base_ct
-from pipeline.export.results_tables import LEVELS, RunResult, render_results
+from pipeline.export.results_tables import (
+    ABLATION_COLUMNS,
+    ENHANCEMENT_COLUMNS,
+    LEVELS,
+    RunResult,
+    metrics_table,
+    render_results,
+    seed_summary,
+)
 from pipeline.jobs.demo import (
     BUNDLE_DIR,
     DEFAULT,
@@ -276,6 +290,7 @@ class BenchmarkResult:
     runs: dict[str, RunResult]
     data_seconds: float
     total_seconds: float
+    seeds: dict[int, dict[str, RunResult]] = field(default_factory=dict)
 
 
 def bundle_overrides(budget: Budget, seed: int, datalist: Path, run_dir: Path, cache_dir: Path) -> dict:
@@ -327,8 +342,14 @@ def _cache_dir(out_dir: Path, spec: RunSpec) -> Path:
     return out_dir / "cache" / f"{enhancement}-{mask}"
 
 
-def _train_and_evaluate(spec: RunSpec, budget: Budget, seed: int, datalist: Path, out_dir: Path) -> RunResult:
-    run_dir = out_dir / "runs" / spec.name
+def _run_dir(out_dir: Path, spec: RunSpec, seed: int, first_seed: int) -> Path:
+    """``runs/<run>`` for the first training seed, ``runs/<run>-seed<k>`` for the others."""
+    return out_dir / "runs" / (spec.name if seed == first_seed else f"{spec.name}-seed{seed}")
+
+
+def _train_and_evaluate(
+    spec: RunSpec, budget: Budget, seed: int, datalist: Path, out_dir: Path, run_dir: Path
+) -> RunResult:
     configs = BUNDLE_DIR / "configs"
     common = {
         **bundle_overrides(budget, seed, datalist, run_dir, _cache_dir(out_dir, spec)),
@@ -424,6 +445,12 @@ def _notes(budget: Budget) -> list[str]:
         "SEN are the same number. `n/a`: undefined (no predicted positive for PRE, one class only "
         "for the AUC). N-SLA pools the slices by their mean, so its attention is uniform and it has "
         "no slice-level prediction (`NA`, as in the paper).",
+        "In brackets: the 95% bootstrap confidence interval of a test metric (2000 resamples of the "
+        "test volumes, drawn with replacement within each class, at slice level each volume with all "
+        "its slices; percentile intervals, seeded; SciPy's `bootstrap`). `mean ± SD`: the mean and "
+        "the sample standard deviation over training seeds on the same data and split; a difference "
+        "between settings smaller than their SDs and inside each other's intervals is not one the "
+        "study can tell apart from chance.",
         f"Each run trains from scratch ({budget.epochs} epoch{'' if budget.epochs == 1 else 's'}, "
         f"{budget.batch_size} volume{'' if budget.batch_size == 1 else 's'} per step, "
         f"{learning_rate_text(budget.lr_min, budget.lr_max)}); the best network by validation ROC AUC is "
@@ -437,6 +464,7 @@ def run_accuracy_benchmark(
     out_dir: str | os.PathLike = "runs/accuracy",
     budget: Budget | str = "cpu",
     seed: int = 0,
+    seeds: int = 1,
     base_ct: str | os.PathLike | None = AUTO_BASE_CT,
     runs: Sequence[RunSpec] = RUNS,
     command: str = "python -m pipeline benchmark-accuracy",
@@ -450,16 +478,21 @@ def run_accuracy_benchmark(
             ``results.json``.
         budget: a :class:`Budget` or the name of one in :data:`BUDGETS`.
         seed: seed of the data, the split and every run's training.
+        seeds: trainings of every run, with training seeds ``seed .. seed + seeds - 1`` on the
+            same data; the tables show their mean and standard deviation.
         base_ct: the real chest CT to insert lesions into; by default the series in the cache
             (:func:`pipeline.data.base_ct.resolve_base_ct`); phantoms only when ``None`` or missing.
         runs: the runs to make (all six by default); the tables show those made.
         command: the command line recorded in ``results.md``.
-        on_run: called with a run's name before it starts (result ``None``) and when it is done.
+        on_run: called with a run's name before it starts (result ``None``) and when it is done;
+            with several seeds the name carries the seed (``proposed-seed1``).
 
     Returns:
         Paths and results of the study.
     """
     budget = BUDGETS[budget] if isinstance(budget, str) else budget
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_ct = resolve_base_ct(base_ct)
@@ -477,31 +510,48 @@ def run_accuracy_benchmark(
         data_seconds = time.perf_counter() - start
         splits = json.loads(datalist.read_text())
 
-        results: dict[str, RunResult] = {}
-        for spec in runs:
-            record_path = out_dir / "runs" / spec.name / RUN_RECORD
-            result = _load_record(record_path, fingerprint, spec)
-            if result is None:
+        by_seed: dict[int, dict[str, RunResult]] = {}
+        for train_seed in range(seed, seed + seeds):
+            # the first seed's runs keep the one-seed study's fingerprint, so they are reused
+            run_print = fingerprint if train_seed == seed else f"{fingerprint}-train{train_seed}"
+            by_seed[train_seed] = {}
+            for spec in runs:
+                run_dir = _run_dir(out_dir, spec, train_seed, seed)
+                record_path = run_dir / RUN_RECORD
+                result = _load_record(record_path, run_print, spec)
+                if result is None:
+                    if on_run is not None:
+                        on_run(run_dir.name, None)
+                    result = _train_and_evaluate(spec, budget, train_seed, datalist, out_dir, run_dir)
+                    atomic_write_text(
+                        record_path,
+                        json.dumps({"fingerprint": run_print, "result": asdict(result)}, indent=1) + "\n",
+                    )
+                by_seed[train_seed][spec.name] = result
                 if on_run is not None:
-                    on_run(spec.name, None)
-                result = _train_and_evaluate(spec, budget, seed, datalist, out_dir)
-                atomic_write_text(
-                    record_path,
-                    json.dumps({"fingerprint": fingerprint, "result": asdict(result)}, indent=1) + "\n",
-                )
-            results[spec.name] = result
-            if on_run is not None:
-                on_run(spec.name, result)
+                    on_run(run_dir.name, result)
     total_seconds = time.perf_counter() - start_all
+    results = by_seed[seed]
+    shown = (
+        results
+        if seeds == 1
+        else {spec.name: seed_summary([by_seed[k][spec.name] for k in by_seed]) for spec in runs}
+    )
 
     sources = "lesions inserted into the real CT series plus phantoms" if base else "phantoms only"
     split_text = ", ".join(
         f"{len(items)} {split} ({sum(int(item['label']) for item in items)} positive)"
         for split, items in splits.items()
     )
+    seed_text = (
+        f"{seed} (data, split and every run)"
+        if seeds == 1
+        else f"{seed} (data and split); training seeds {seed}..{seed + seeds - 1}: the tables show "
+        f"mean ± SD over the {seeds} seeds, each seed's own tables follow"
+    )
     summary = {
         "command": f"`{command}`",
-        "seed": f"{seed} (data, split and every run)",
+        "seed": seed_text,
         "budget": f"`{budget.name}`: {budget.description}",
         "machine": _machine(),
         "data": f"{sum(len(items) for items in splits.values())} volumes of {budget.size} x "
@@ -509,14 +559,14 @@ def run_accuracy_benchmark(
         "network input": f"resize to {budget.resize_size}, crop {budget.spatial_size}; "
         f"{budget.num_slices} slices sampled per training volume, all slices scored in evaluation; "
         f"BiLSTM {budget.lstm_hidden} x 2, FC {budget.fc_hidden}",
-        "time": _time_summary(results.values()),
+        "time": _time_summary(run for runs_of_seed in by_seed.values() for run in runs_of_seed.values()),
     }
     text = render_results(
         "ResNext+ accuracy study: enhancement and ablation",
         summary,
-        [_table1_row(results[name]) for name in ENHANCEMENT_ORDER if name in results],
-        [results[name] for name in ABLATION_ORDER if name in results],
-        notes=_notes(budget),
+        [_table1_row(shown[name]) for name in ENHANCEMENT_ORDER if name in shown],
+        [shown[name] for name in ABLATION_ORDER if name in shown],
+        notes=_notes(budget) + (_seed_tables(by_seed) if seeds > 1 else []),
     )
     results_md = out_dir / RESULTS_MD
     atomic_write_text(results_md, text)
@@ -532,6 +582,14 @@ def run_accuracy_benchmark(
                 "data_seconds": data_seconds,
                 "total_seconds": total_seconds,
                 "runs": {name: asdict(result) for name, result in results.items()},
+                **(
+                    {
+                        "seeds": {str(k): {n: asdict(r) for n, r in v.items()} for k, v in by_seed.items()},
+                        "summary": {name: asdict(result) for name, result in shown.items()},
+                    }
+                    if seeds > 1
+                    else {}
+                ),
             },
             indent=1,
         )
@@ -544,4 +602,19 @@ def run_accuracy_benchmark(
         runs=results,
         data_seconds=data_seconds,
         total_seconds=total_seconds,
+        seeds=by_seed,
     )
+
+
+def _seed_tables(by_seed: Mapping[int, Mapping[str, RunResult]]) -> list[str]:
+    """Tables 1 and 2 of each training seed, with the bootstrap intervals of its test metrics."""
+    parts = []
+    for train_seed, results in by_seed.items():
+        enhancement = [_table1_row(results[name]) for name in ENHANCEMENT_ORDER if name in results]
+        ablation = [results[name] for name in ABLATION_ORDER if name in results]
+        parts.append(f"## Training seed {train_seed}")
+        if enhancement:
+            parts += ["Table 1 (enhancement):", metrics_table(enhancement, ENHANCEMENT_COLUMNS)]
+        if ablation:
+            parts += ["Table 2 (ablation):", metrics_table(ablation, ABLATION_COLUMNS)]
+    return parts

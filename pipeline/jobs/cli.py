@@ -44,7 +44,8 @@ def _benchmark_accuracy(args: argparse.Namespace) -> int:
     from pipeline.jobs.accuracy_benchmark import run_accuracy_benchmark, select_runs
 
     command = f"python -m pipeline benchmark-accuracy --out {args.out} --budget {args.budget}"
-    command += f" --seed {args.seed}" + (" --phantoms-only" if args.phantoms_only else "")
+    command += f" --seed {args.seed}" + (f" --seeds {args.seeds}" if args.seeds != 1 else "")
+    command += " --phantoms-only" if args.phantoms_only else ""
     command += f" --runs {','.join(args.runs)}" if args.runs else ""
     threads = os.environ.get("OMP_NUM_THREADS")
     command = f"OMP_NUM_THREADS={threads} {command}" if threads else command
@@ -66,9 +67,17 @@ def _benchmark_accuracy(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"benchmark-accuracy: {error}") from None
     result = run_accuracy_benchmark(
-        args.out, args.budget, seed=args.seed, base_ct=base_ct, runs=runs, command=command, on_run=announce
+        args.out,
+        args.budget,
+        seed=args.seed,
+        seeds=args.seeds,
+        base_ct=base_ct,
+        runs=runs,
+        command=command,
+        on_run=announce,
     )
-    print(f"{len(result.runs)} runs in {result.total_seconds / 60:.1f} min; tables: {result.results_md}")
+    trainings = sum(len(runs_of_seed) for runs_of_seed in result.seeds.values()) or len(result.runs)
+    print(f"{trainings} runs in {result.total_seconds / 60:.1f} min; tables: {result.results_md}")
     return 0
 
 
@@ -129,12 +138,20 @@ def _make_datalist(args: argparse.Namespace) -> int:
             seed=args.seed,
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
+            all_test=args.all_test,
         )
     except CollectionError as error:
         raise SystemExit(f"make-datalist: {error}") from None
     counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
     print(f"{result.datalist}: {counts}; {result.failed} cases could not be used (see {result.errors})")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _names(text: str) -> list[str]:
@@ -190,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: cpu)",
     )
     accuracy.add_argument("--seed", type=int, default=0, help="seed of the data, split and runs (default: 0)")
+    accuracy.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=1,
+        help="train every run this many times, with training seeds SEED, SEED+1, ... on the same data; "
+        "the tables show mean ± SD over them (default: 1)",
+    )
     _add_base_ct_arguments(accuracy)
     accuracy.add_argument(
         "--runs",
@@ -255,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     datalist.add_argument(
         "--test-fraction", type=float, default=0.15, help="share of patients (default: 0.15)"
+    )
+    datalist.add_argument(
+        "--all-test",
+        action="store_true",
+        help="put every case in the test split (the fractions are ignored): a collection for "
+        "evaluating a trained model with evaluate.json (external validation)",
     )
     datalist.set_defaults(func=_make_datalist)
     return parser

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from pipeline.data.atomic_files import atomic_write_text
 from pipeline.data.base_ct import AUTO_BASE_CT, resolve_base_ct
 from pipeline.export.attention_export import ERRORS_FILE, PREDICTIONS_FILE
-from pipeline.export.figures import plot_precision_recall, plot_roc, plot_training_curves
+from pipeline.export.figures import plot_precision_recall, plot_reliability, plot_roc, plot_training_curves
 from pipeline.export.heatmap_export import HEATMAP_PNG
 from pipeline.export.report import AttentionExample, Report
 
@@ -67,6 +67,8 @@ TRAINING_CURVES = ("train_loss", "val_auc", "volume_acc", "volume_f1", "slice_au
 """TensorBoard series drawn in the report: the loss per iteration, validation metrics per epoch."""
 TRAINING_ONLY_IDS = ("ckpt_dir", "cache_dir", "num_slices", "seed", "class_balance", "augment_positives")
 """Bundle ids of training that ``inference.json`` does not have."""
+TEMPERATURE_KEY = "calibration.temperature"
+"""State-dict key of the logit temperature (:class:`networks.TemperatureScaling`)."""
 HEATMAPS_PER_EXAMPLE = 2
 """Heatmap PNGs shown per example volume in the report: its called slices of highest attention."""
 logger = logging.getLogger(__name__)
@@ -443,6 +445,13 @@ def write_demo_report(
     if curves:
         plot_roc(figures_dir / "roc.png", curves, title="ROC curves, test split")
         figures.append(("ROC curves (test split)", figures_dir / "roc.png"))
+    calibration_notes: list[str] = []
+    if labelled:
+        reliability = figures_dir / "reliability.png"
+        calibration_notes = _calibration(
+            reliability, curves["volume level"], metrics, out_dir / "models" / "model.pt"
+        )
+        figures.append(("Calibration of P(COVID-19) (test split)", reliability))
     slice_level = dict(metrics.get("slice", {}))
     paper_rule = dict(metrics.get("slice_paper", {}))
     volumes = _slice_table(inference_dir, predictions)
@@ -510,16 +519,66 @@ def write_demo_report(
         errors=errors,
         notes=[
             *_slice_rule_notes(volumes, slice_level, paper_rule),
+            *calibration_notes,
             *_reading(volume.get("auc")),
             "## Files",
             "- `data/`: the demo volumes and `datalist.json`\n"
-            "- `models/model.pt`: the best network by validation ROC AUC\n"
+            "- `models/model.pt`: the best network by validation ROC AUC (with its slice rule and "
+            "logit temperature)\n"
             "- `eval/metrics.json`: test metrics at volume and slice level\n"
             "- `inference/predictions.csv`, `inference/<case>/slice_attention.{csv,png}`: batch inference\n"
             "- `train/`: TensorBoard event files of training and validation",
         ],
     )
     return report.write(out_dir / "report.md")
+
+
+def _stored_temperature(checkpoint: Path) -> float:
+    """The logit temperature stored in a checkpoint (1 when it holds none)."""
+    from pipeline.workflow.checkpoints import load_checkpoint
+
+    if not checkpoint.is_file():
+        return 1.0
+    state = load_checkpoint(checkpoint)
+    value = state.get(TEMPERATURE_KEY, state.get("model", {}).get(TEMPERATURE_KEY))
+    return 1.0 if value is None else float(value)
+
+
+def _calibration(
+    path: Path, test: tuple[list[int], list[float]], metrics: Mapping[str, Any], checkpoint: Path
+) -> list[str]:
+    """Draw the reliability diagram of the test probabilities and say how calibrated they are.
+
+    With a temperature stored in the checkpoint, the unscaled probabilities (``T = 1``) are
+    drawn too: the ECE before and after scaling on the test split.
+    """
+    from scipy.special import expit, logit
+
+    labels, probabilities = test
+    temperature = _stored_temperature(checkpoint)
+    curves = {f"stored temperature T = {temperature:.3g}" if temperature != 1 else "test split": test}
+    if temperature != 1:
+        clipped = np.clip(np.asarray(probabilities, dtype=float), 1e-6, 1 - 1e-6)
+        curves["unscaled (T = 1)"] = (labels, expit(logit(clipped) * temperature).tolist())
+    errors = plot_reliability(path, curves, title="reliability of P(COVID-19), test split")
+    volume = metrics.get("volume", {})
+    ece = _number(volume.get("ece", next(iter(errors.values()))))
+    interval = volume.get("ece_ci")
+    text = f"{ece} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ece
+    scaling = (
+        f"Temperature scaling: T = {temperature:.3f} was fitted on the validation split and kept "
+        f"because it lowered the validation ECE; on the test split the ECE is "
+        f"{errors['unscaled (T = 1)']:.3f} without it. It changes no decision and no AUC."
+        if temperature != 1
+        else "No temperature is stored (T = 1): temperature scaling is off (the bundle's "
+        "`temperature_scaling`), or it did not lower the validation ECE."
+    )
+    return [
+        "## Calibration",
+        f"Expected calibration error of P(COVID-19) on the test split: {text} (ten equal-width "
+        "bins: the mean gap between the share of COVID-19 volumes and the mean probability, "
+        f"weighted by the volumes in each bin; 95% bootstrap interval in brackets). {scaling}",
+    ]
 
 
 CHANCE_AUC_BELOW = 0.7
@@ -682,6 +741,8 @@ def summary_line(result: DemoResult) -> str:
     auc = volume.get("auc")
     total = result.timings.get("total", float("nan"))
     auc_text = "n/a" if auc is None or (isinstance(auc, float) and np.isnan(auc)) else f"{auc:.3f}"
+    if auc_text != "n/a" and volume.get("auc_ci"):
+        auc_text += " [{:.3f}, {:.3f}]".format(*volume["auc_ci"])
     return (
         f"test ROC AUC {auc_text}, accuracy {volume.get('acc', float('nan')):.3f} "
         f"on {volume.get('count', '?')} volumes; {total:.0f} s in all; report: {result.report}"

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from monai.utils import evenly_divisible_all_gather
 
-__all__ = ["backend", "init_process_group", "is_main_process", "local_device", "local_rank"]
+__all__ = ["backend", "gather_values", "init_process_group", "is_main_process", "local_device", "local_rank"]
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 """Environment variables ``torchrun`` sets for every process it starts."""
@@ -68,3 +70,11 @@ def init_process_group(timeout_minutes: float = 30.0) -> bool:
 def is_main_process() -> bool:
     """Whether this process writes logs and files: rank 0, or the only process."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def gather_values(values: list[float], dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """Concatenate each process's ``values`` in rank order (unchanged in a single process)."""
+    tensor = torch.as_tensor(values, dtype=dtype).reshape(-1, 1)
+    if dist.is_available() and dist.is_initialized():
+        tensor = evenly_divisible_all_gather(tensor, concat=True)
+    return tensor.reshape(-1).cpu().numpy()

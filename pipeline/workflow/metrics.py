@@ -11,6 +11,11 @@ counts and ratios come from MONAI's ``get_confusion_matrix`` / ``compute_confusi
 and the AUC from ``compute_roc_auc``; a ratio whose denominator is zero (no predicted
 positives for PRE, one class only for the AUC) is NaN.
 
+With ``bootstrap_resamples``, each metric also gets its 95% bootstrap interval under
+``<metric>_ci`` (``[low, high]``; :mod:`pipeline.workflow.intervals`: volumes resampled within
+each class, at slice level with all their slices). The volume level also reports the expected
+calibration error of the probability of COVID-19 (``ece``, :mod:`pipeline.workflow.calibration`).
+
 The slice-level AUC ranks slices by ``attention x N`` (1 = a uniform share, so volumes of
 different lengths are comparable) over the slices of the positive volumes: it measures how
 well the attention finds the diseased slices of a diseased volume.
@@ -22,13 +27,16 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.metrics import Metric
 from monai.data import decollate_batch
 from monai.metrics import compute_confusion_matrix_metric, compute_roc_auc, get_confusion_matrix
-from monai.utils import evenly_divisible_all_gather
 
+from pipeline.workflow.calibration import expected_calibration_error
+from pipeline.workflow.distributed import gather_values
+from pipeline.workflow.intervals import BootstrapSettings, slice_intervals, volume_intervals
 from pipeline.workflow.slice_rule import network_slice_rule, tune_slice_rule
 
 __all__ = [
@@ -128,10 +136,7 @@ def _items(data: Any) -> list:
 
 def _gather(values: list[float], dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Concatenate ``values`` across distributed processes (unchanged in a single process)."""
-    tensor = torch.as_tensor(values, dtype=dtype).reshape(-1, 1)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        tensor = evenly_divisible_all_gather(tensor, concat=True)
-    return tensor.reshape(-1).cpu().numpy()
+    return gather_values(values, dtype)
 
 
 def _prefixed(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -156,6 +161,9 @@ class VolumeMetrics(Metric):
         threshold: probability of class 1 at or above which a volume is predicted positive.
         prefix: prefix of the result keys.
         output_transform: maps ``engine.state.output`` to ``(probabilities, labels)``.
+        bootstrap_resamples: resamples of the bootstrap intervals (``<metric>_ci``); 0: none.
+        confidence_level: confidence level of the intervals.
+        bootstrap_seed: seed of the resampling.
     """
 
     def __init__(
@@ -164,9 +172,13 @@ class VolumeMetrics(Metric):
         prefix: str = "volume",
         output_transform: Callable | None = None,
         device: str | torch.device = "cpu",
+        bootstrap_resamples: int = 0,
+        confidence_level: float = 0.95,
+        bootstrap_seed: int = 0,
     ) -> None:
         self.threshold = threshold
         self.prefix = prefix
+        self.intervals = BootstrapSettings(bootstrap_resamples, confidence_level, bootstrap_seed)
         super().__init__(
             output_transform=output_transform or _pred_and_label, device=device, skip_unrolling=True
         )
@@ -190,7 +202,11 @@ class VolumeMetrics(Metric):
         scores = _gather(self._scores)
         labels = _gather(self._labels, torch.int64)
         predictions = (scores >= self.threshold).astype(int)
-        return _prefixed(self.prefix, binary_metrics(labels, predictions, scores))
+        result = binary_metrics(labels, predictions, scores)
+        result["ece"] = expected_calibration_error(scores, labels) if scores.size else math.nan
+        if self.intervals.resamples and scores.size:
+            result.update(volume_intervals(labels, predictions, scores, self.intervals))
+        return _prefixed(self.prefix, result)
 
 
 def score_and_label(output: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -242,6 +258,10 @@ class SliceMetrics(Metric):
         prefix: prefix of the result keys.
         pred_key, attention_key, label_key: keys in the engine output.
         slice_labels_key: key of the slice labels in the engine batch.
+        bootstrap_resamples: resamples of the bootstrap intervals (``<metric>_ci``, volumes
+            resampled with their slices); 0: none.
+        confidence_level: confidence level of the intervals.
+        bootstrap_seed: seed of the resampling.
     """
 
     def __init__(
@@ -255,6 +275,9 @@ class SliceMetrics(Metric):
         slice_labels_key: str = "slice_labels",
         tune: bool = False,
         device: str | torch.device = "cpu",
+        bootstrap_resamples: int = 0,
+        confidence_level: float = 0.95,
+        bootstrap_seed: int = 0,
     ) -> None:
         if tau is not None and tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
@@ -266,6 +289,7 @@ class SliceMetrics(Metric):
         self.attention_key = attention_key
         self.label_key = label_key
         self.slice_labels_key = slice_labels_key
+        self.intervals = BootstrapSettings(bootstrap_resamples, confidence_level, bootstrap_seed)
         super().__init__(device=device, skip_unrolling=True)
 
     def reset(self) -> None:
@@ -274,6 +298,7 @@ class SliceMetrics(Metric):
         self._scores: list[float] = []
         self._probabilities: list[float] = []
         self._in_positive: list[int] = []
+        self._volume_keys: list[int] = []  # per slice, its volume's key (unique across processes)
         self._volumes = 0
         self._rule = network_slice_rule(None, self.tau, self.threshold)
 
@@ -311,6 +336,7 @@ class SliceMetrics(Metric):
         self._scores.extend((weights * weights.size).tolist())
         self._probabilities.extend([probability] * weights.size)
         self._in_positive.extend([positive_volume] * weights.size)
+        self._volume_keys.extend([self._volumes * idist.get_world_size() + idist.get_rank()] * weights.size)
         self._volumes += 1
 
     def compute(self) -> dict[str, Any]:
@@ -323,6 +349,11 @@ class SliceMetrics(Metric):
         result["auc"] = binary_metrics(labels[in_positive], labels[in_positive], scores[in_positive])["auc"]
         result["volumes"] = volumes
         result["tau"], result["threshold"] = self._rule
+        if self.intervals.resamples and labels.size:
+            keys, volume = np.unique(_gather(self._volume_keys, torch.int64), return_inverse=True)
+            volume_labels = np.zeros(keys.size, dtype=int)
+            volume_labels[volume] = in_positive
+            result.update(slice_intervals(volume, volume_labels, labels, predictions, scores, self.intervals))
         if self.tune:
             tuned = tune_slice_rule(_gather(self._probabilities), scores, labels)
             result.update(tuned_tau=tuned.tau, tuned_threshold=tuned.threshold, tuned_f1=tuned.f1)

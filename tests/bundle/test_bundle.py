@@ -167,6 +167,8 @@ def test_evaluate_writes_metrics_at_volume_and_slice_level(
         assert values["acc"] == pytest.approx((tp + tn) / values["count"])
         for name in ("acc", "pre", "rec", "f1", "sen", "spe", "auc"):
             assert values[name] is None or 0.0 <= values[name] <= 1.0, (level, name)
+            interval = values[f"{name}_ci"]  # bootstrap interval, or null when undefined
+            assert interval is None or 0.0 <= interval[0] <= interval[1] <= 1.0, (level, name)
     with (tmp_path / "predictions.csv").open() as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == 2 and all(int(row["n_slices"]) == 8 for row in rows)

@@ -216,15 +216,112 @@ def test_mosmed_layout(tmp_path: Path) -> None:
         make_datalist(tmp_path, out, "mosmed")
 
 
-def test_too_few_patients_of_a_class_is_a_clear_error(tmp_path: Path) -> None:
+def test_too_few_patients_split_as_well_as_they_can_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "collection"
     for index in range(3):
         _volume(root / "covid" / f"c{index}.nii.gz", seed=index)
     for index in range(2):
         _volume(root / "normal" / f"h{index}.nii.gz", seed=10 + index)
-    with pytest.raises(CollectionError, match="2 negative patients cannot fill"):
-        make_datalist(root, tmp_path / "out", "folders", positive=["covid"])
-    assert _read_errors(tmp_path / "out") == {}  # written before the split failed
+
+    with caplog.at_level("WARNING", logger="pipeline.data.collections"):
+        result = make_datalist(root, tmp_path / "out", "folders", positive=["covid"])
+
+    # two negatives fill training and test; validation, the split that gives way first, has none
+    datalist = json.loads(result.datalist.read_text())
+    labels = {split: sorted(item["label"] for item in datalist[split]) for split in SPLITS}
+    assert labels == {"training": [0, 1], "validation": [1], "test": [0, 1]}
+    assert "the validation split has no negative patient (2 negative patients in all)" in caplog.text
+
+
+def test_zero_fractions_leave_empty_splits_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "collection"
+    _volume(root / "covid" / "c0.nii.gz", seed=0)
+    _volume(root / "normal" / "h0.nii.gz", seed=1)
+
+    with caplog.at_level("WARNING", logger="pipeline.data.collections"):
+        result = make_datalist(
+            root, tmp_path / "out", "folders", positive=["covid"], val_fraction=0, test_fraction=0
+        )
+
+    assert result.counts == {"training": 2, "validation": 0, "test": 0}
+    assert "the validation split is empty" in caplog.text and "the test split is empty" in caplog.text
+    with pytest.raises(CollectionError, match="must be at least 0 and sum to at most 1"):
+        make_datalist(
+            root, tmp_path / "out", "folders", positive=["covid"], val_fraction=0.6, test_fraction=0.6
+        )
+
+
+def _two_case_collection(root: Path, tiny_demo_dataset: Path) -> Path:
+    """One COVID-19 and one negative volume of the tiny demo data, as class folders."""
+    items = json.loads((tiny_demo_dataset / "datalist.json").read_text())["test"]
+    for label, folder in ((1, "covid"), (0, "normal")):
+        image = next(item["image"] for item in items if item["label"] == label)
+        target = root / folder / Path(image).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((tiny_demo_dataset / image).read_bytes())
+    return root
+
+
+def test_all_test_puts_every_case_in_test(
+    tmp_path: Path, tiny_demo_dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _two_case_collection(tmp_path / "collection", tiny_demo_dataset)
+    out = tmp_path / "out"
+    args = ["make-datalist", str(root), str(out), "--layout", "folders", "--positive", "covid", "--all-test"]
+
+    assert main(args) == 0
+
+    assert "training 0, validation 0, test 2" in capsys.readouterr().out
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert datalist["training"] == [] and datalist["validation"] == []
+    assert sorted(item["label"] for item in load_datalist(out / "datalist.json", "test")) == [0, 1]
+
+
+@pytest.mark.slow
+def test_evaluate_scores_an_all_test_datalist_with_intervals(tmp_path: Path, tiny_demo_dataset: Path) -> None:
+    """External validation: make-datalist --all-test, then evaluate.json writes metrics with intervals."""
+    import torch
+
+    from networks import ResNextPlus
+    from pipeline.jobs.demo import BUNDLE_DIR, run_bundle
+
+    root = _two_case_collection(tmp_path / "collection", tiny_demo_dataset)
+    assert main(["make-datalist", str(root), str(tmp_path / "lists"), "--layout", "folders",
+                 "--positive", "covid", "--all-test"]) == 0  # fmt: skip
+    torch.manual_seed(0)
+    torch.save(ResNextPlus(lstm_hidden=8, fc_hidden=16).state_dict(), tmp_path / "model.pt")
+    configs = BUNDLE_DIR / "configs"
+    run_bundle(
+        [configs / "train.json", configs / "evaluate.json"],
+        {
+            "bundle_root": str(BUNDLE_DIR),
+            "dataset_dir": str(tmp_path / "lists"),
+            "ckpt_dir": str(tmp_path),
+            "output_dir": str(tmp_path / "eval"),
+            "cache_dir": "none",
+            "num_workers": 0,
+            "resize_size": 36,
+            "spatial_size": 32,
+            "lstm_hidden": 8,
+            "fc_hidden": 16,
+        },
+    )
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["volume"]["count"] == 2
+    assert metrics["ci_level"] == 0.95 and metrics["ci_resamples"] == 2000
+    volume = metrics["volume"]
+    # one volume per class: every resample is the data itself, so each interval is the point
+    for name in ("acc", "sen", "spe", "f1", "auc"):
+        if volume[name] is not None:
+            assert volume[f"{name}_ci"] == [pytest.approx(volume[name])] * 2, name
+    assert 0.0 <= volume["ece"] <= 1.0 and volume["auc"] in (0.0, 1.0)
+    # class folders without lesion masks: no slice labels, so no slice metrics to bound
+    assert metrics["slice"]["count"] == 0 and "auc_ci" not in metrics["slice"]
 
 
 def test_make_datalist_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,8 +15,10 @@ from pipeline.export.results_tables import (
     ABLATION_COLUMNS,
     ENHANCEMENT_COLUMNS,
     RunResult,
+    format_cell,
     format_value,
     metrics_table,
+    seed_summary,
 )
 from pipeline.jobs.accuracy_benchmark import BUDGETS, RUNS, run_accuracy_benchmark, select_runs
 from pipeline.jobs.cli import main
@@ -53,8 +56,8 @@ def _check_metrics_table(section: str, labels: tuple[str, ...], columns: tuple[s
         if row[1] == "N-SLA" and level_index >= len(labels):
             assert values == ["NA"] * len(columns)  # uniform attention: no slice prediction
             continue
-        for value in values:
-            assert value == "n/a" or 0.0 <= float(value) <= 1.0, row
+        for value in values:  # a value, then its interval in brackets or its SD over seeds
+            assert value == "n/a" or 0.0 <= float(value.split(" ")[0]) <= 1.0, row
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +143,38 @@ def test_smoke_study_resumes_without_retraining(smoke_study: Path) -> None:
     text = (smoke_study / "results.md").read_text()
     assert [row[1] for row in _table_rows(_section(text, "## Table 1"))] == ["Orig.", "Tone Enh."] * 3
     assert [row[1] for row in _table_rows(_section(text, "## Table 2"))] == ["Proposed"] * 3
+
+
+@pytest.mark.slow
+def test_smoke_study_with_two_seeds_reports_mean_and_sd(smoke_study: Path) -> None:
+    result = run_accuracy_benchmark(smoke_study, "smoke", seed=3, seeds=2, runs=select_runs(["proposed"]))
+
+    assert set(result.seeds) == {3, 4}
+    assert (smoke_study / "runs" / "proposed-seed4" / "run.json").is_file()  # seed 3's run is reused
+    second = json.loads((smoke_study / "runs" / "proposed-seed4" / "eval" / "metrics.json").read_text())
+    first = result.seeds[3]["proposed"].metrics["volume"]
+    volume = [first["acc"], second["volume"]["acc"]]
+    text = result.results_md.read_text()
+    row = _table_rows(_section(text, "## Table 1"))[0]
+    assert row[2] == f"{np.mean(volume):.3f} ± {np.std(volume, ddof=1):.3f}"
+    assert "## Training seed 3" in text and "## Training seed 4" in text
+    seed_row = _table_rows(_section(text, "## Training seed 4"))[0]
+    low, high = second["volume"]["acc_ci"]
+    assert seed_row[2] == f"{second['volume']['acc']:.3f} [{low:.2f}, {high:.2f}]"
+    summary = json.loads(result.results_json.read_text())["summary"]["proposed"]["metrics"]["volume"]
+    assert summary["acc_seeds"] == 2
+
+
+def test_seed_summary_and_cells() -> None:
+    runs = [_result("proposed", "Proposed", acc=acc, pre=pre) for acc, pre in ((0.5, 0.2), (0.7, None))]
+    summary = seed_summary(runs).metrics["volume"]
+    assert summary["acc"] == pytest.approx(0.6) and summary["acc_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert summary["pre"] == 0.2 and summary["pre_sd"] is None and summary["pre_seeds"] == 1
+    assert summary["count"] == 4 and isinstance(summary["count"], int)
+    assert format_cell(summary, "acc") == "0.600 ± 0.141"
+    assert format_cell(summary, "pre") == "0.200 (1 seed)"
+    assert format_cell({"auc": 0.9, "auc_ci": [0.81, 0.97]}, "auc") == "0.900 [0.81, 0.97]"
+    assert format_cell({"auc": None, "auc_ci": None}, "auc") == "n/a"
 
 
 def test_select_runs_keeps_study_order_and_rejects_unknown_names() -> None:

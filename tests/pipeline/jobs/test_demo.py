@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.export.report import AttentionExample, Report
 from pipeline.jobs.cli import main
-from pipeline.jobs.demo import QUICK, _heatmap_figures, _reading, make_demo_datalist
+from pipeline.jobs.demo import QUICK, _calibration, _heatmap_figures, _reading, make_demo_datalist
 
 METRICS = ("acc", "pre", "rec", "f1", "sen", "spe", "auc")
 
@@ -55,11 +55,17 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for heading in (
         "## Metrics",
         "## ROC curves",
+        "## Calibration of P(COVID-19) (test split)",
         "## Training curves",
         "## Slice attention of test volumes",
     ):
         assert heading in report
-    assert re.search(r"\| ROC AUC \| [0-9.na/-]+ \| [0-9.na/-]+ \|", report)
+    value = r"[0-9.na/-]+(?: \[[0-9.]+, [0-9.]+\])?"  # a metric and its bootstrap interval
+    assert re.search(rf"\| ROC AUC \| {value} \| {value} \|", report)
+    assert "## Calibration" in report and "figures/reliability.png" in report
+    for level in ("volume", "slice"):
+        assert "auc_ci" in metrics[level] and "acc_ci" in metrics[level]
+    assert 0.0 <= metrics["volume"]["ece"] <= 1.0
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
     assert len(images) >= 2 + 1  # ROC, training curves, at least one attention figure
     for image in images:
@@ -106,6 +112,24 @@ def test_report_shows_heatmaps_of_the_called_slices_of_highest_attention(tmp_pat
         "![case heatmap_slice_5](inference/case/heatmap_slice_5.png) "
         "![case heatmap_slice_2](inference/case/heatmap_slice_2.png)"
     ) in text
+
+
+def test_report_calibration_compares_the_stored_temperature_with_none(tmp_path: Path) -> None:
+    import torch
+
+    labels, probabilities = [0, 0, 1, 1], [0.3, 0.45, 0.55, 0.9]
+    metrics = {"volume": {"ece": 0.25, "ece_ci": [0.1, 0.4]}}
+    torch.save({"calibration.temperature": torch.tensor(2.0)}, tmp_path / "model.pt")
+
+    notes = _calibration(
+        tmp_path / "reliability.png", (labels, probabilities), metrics, tmp_path / "model.pt"
+    )
+
+    assert notes[0] == "## Calibration"
+    assert "0.250 [0.100, 0.400]" in notes[1] and "T = 2.000 was fitted on the validation split" in notes[1]
+    assert matplotlib.image.imread(tmp_path / "reliability.png").ndim == 3
+    notes = _calibration(tmp_path / "other.png", (labels, probabilities), metrics, tmp_path / "absent.pt")
+    assert "No temperature is stored (T = 1): temperature scaling is off" in notes[1]
 
 
 def test_report_reads_a_chance_level_auc_as_not_learned() -> None:
