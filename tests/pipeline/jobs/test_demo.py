@@ -43,6 +43,9 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for level in ("volume", "slice"):
         assert all(_in_unit_range(metrics[level][name]) for name in METRICS), metrics[level]
         assert sum(map(sum, metrics[level]["confusion_matrix"])) == metrics[level]["count"]
+    test_slices = [label for item in datalist["test"] for label in item["slice_labels"]]
+    assert metrics["slice"]["prevalence"] == pytest.approx(sum(test_slices) / len(test_slices))
+    assert _in_unit_range(metrics["slice"]["trivial_f1"])
 
     predictions = _read(out / "inference" / "predictions.csv")
     assert {row["case_id"] for row in predictions} == test_ids
@@ -60,6 +63,8 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     ):
         assert heading in report
     assert re.search(r"\| ROC AUC \| [0-9.na/-]+ \| [0-9.na/-]+ \|", report)
+    assert re.search(r"\| F1, every slice of a called volume \| - \| [0-9.na/]+ \|", report)
+    assert re.search(r"\| Slice prevalence, all volumes \| - \| [0-9.]+ \|", report)
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
     assert len(images) >= 2 + 1  # ROC, training curves, at least one attention figure
     for image in images:
