@@ -4,7 +4,9 @@ Table 1 compares the enhancement settings (original, stochastic enhancement, ton
 Table 2 the ablations (N-SCA, N-MSCA, N-SLA, proposed); each has a volume-level and a
 slice-level block. The columns are the paper's (Table 2 has no REC, which equals SEN) plus the
 ROC AUC. Without slice attention (N-SLA) the attention is uniform, so no slice is singled out:
-its slice-level row reads ``NA`` as in the paper.
+its slice-level row reads ``NA`` as in the paper. A third table sets each slice rule's F1 beside
+the trivial rule's (every slice of a volume predicted positive) at the slice prevalence of the
+test split.
 """
 
 from __future__ import annotations
