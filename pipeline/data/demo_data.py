@@ -300,9 +300,13 @@ def _readme(
         f"({settings.ground_glass_hu[0]:g} to {settings.ground_glass_hu[1]:g} HU at the core, soft edges),",
         f"{settings.consolidation_probability:.0%} of them with a consolidated core "
         f"({settings.consolidation_hu[0]:g} to {settings.consolidation_hu[1]:g} HU), "
-        f"{settings.diameter_mm[0]:g}-{settings.diameter_mm[1]:g} mm across, in "
-        f"{settings.slice_fraction[0]:.0%}-{settings.slice_fraction[1]:.0%} of the slices, "
-        f"at least {settings.lesion_count[0]}-{settings.lesion_count[1]} lesions per positive volume.",
+        f"{settings.diameter_mm[0]:g}-{settings.diameter_mm[1]:g} mm across (smaller in volumes with "
+        f"fewer diseased slices), {settings.length_mm[0]:g}-{settings.length_mm[1]:g} mm long,",
+        "more often in the lower and posterior lung. The share of slices a positive volume's lesions",
+        "touch is drawn to match the expert-masked mild COVID-19 CT of MosMedData (CT-1): "
+        + ", ".join(f"{share:.0%} at quantile {level:g}" for level, share in settings.extent_quantiles)
+        + ",",
+        "rounded to whole slices, at least one.",
         f"A lesion voxel is a lung voxel that a lesion raises by at least {settings.min_rise_hu:g} HU;",
         "slice_labels[k] in datalist.json is 1 exactly when slice k holds lesion voxels.",
         "Negative volumes have no lesions.",

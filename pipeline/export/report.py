@@ -25,8 +25,12 @@ METRIC_NAMES: dict[str, str] = {
     "sen": "Sensitivity (SEN)",
     "spe": "Specificity (SPE)",
     "auc": "ROC AUC",
+    "trivial_f1": "F1, every slice of a called volume",
+    "prevalence": "Slice prevalence, all volumes",
+    "prevalence_positive": "Slice prevalence, positive volumes",
 }
-"""The paper's Table 1 metrics plus the ROC AUC, in its order: key -> row title."""
+"""The paper's Table 1 metrics plus the ROC AUC, in its order: key -> row title; then, for the
+slice level, the trivial rule's F1 and the prevalences they were measured at."""
 
 
 def _format(value: Any, digits: int = 3) -> str:

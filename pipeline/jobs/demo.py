@@ -361,6 +361,25 @@ def _slice_rule_notes(
         f"In the {len(positives)} positive test volumes ({slices:.1f} slices each), {labelled:.2f} "
         f"slices a volume hold lesion voxels; the paper rule calls {paper_calls:.2f} of them a volume, "
         f"the tuned rule {tuned_calls:.2f}.",
+        *_trivial_rule_note(tuned, paper),
+    ]
+
+
+def _trivial_rule_note(tuned: Mapping[str, Any], paper: Mapping[str, Any]) -> list[str]:
+    """The slice prevalence of the test split and each rule's F1 against the trivial rule's."""
+    if tuned.get("prevalence") is None:
+        return []
+    margins = ", ".join(
+        f"{name} rule {_number(level.get('f1'))} against {_number(level.get('trivial_f1'))} "
+        f"(volume threshold {float(level['threshold']):.3f})"
+        for name, level in (("tuned", tuned), ("paper", paper))
+        if "threshold" in level
+    )
+    return [
+        f"Slice prevalence of the test split: {_number(tuned['prevalence'])} of all slices, "
+        f"{_number(tuned.get('prevalence_positive'))} of the slices of positive volumes. The "
+        "trivial rule that calls every slice of a volume predicted positive sets the F1 to beat: "
+        f"{margins}."
     ]
 
 

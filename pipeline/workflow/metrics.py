@@ -19,6 +19,13 @@ calibration error of the probability of COVID-19 (``ece``, :mod:`pipeline.workfl
 The slice-level AUC ranks slices by ``attention x N`` (1 = a uniform share, so volumes of
 different lengths are comparable) over the slices of the positive volumes: it measures how
 well the attention finds the diseased slices of a diseased volume.
+
+Slice F1 depends on how many slices are diseased, so the slice metrics also report what they
+were measured at (:func:`slice_baselines`): the slice prevalence, the share of all scored
+slices labelled positive; the prevalence in positive volumes, the share of the slices of the
+truly positive volumes labelled positive (the lesions' slice extent); and the F1 of the trivial
+rule that calls every slice of a volume predicted positive (at the rule's volume threshold),
+the score to beat with attention.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ __all__ = [
     "VolumeMetrics",
     "binary_metrics",
     "score_and_label",
+    "slice_baselines",
     "slice_predictions",
 ]
 
@@ -117,6 +125,30 @@ def binary_metrics(labels: Any, predictions: Any, scores: Any | None = None) -> 
     result["confusion_matrix"] = [[tn, fp], [fn, tp]]
     result["count"] = int(y.numel())
     return result
+
+
+def slice_baselines(labels: Any, in_positive: Any, volume_called: Any) -> dict[str, float]:
+    """Slice prevalences and the F1 of calling every slice of each volume predicted positive.
+
+    Args:
+        labels: per slice, 0 or 1.
+        in_positive: per slice, whether its volume is truly positive.
+        volume_called: per slice, whether its volume is predicted positive.
+
+    Returns:
+        ``{"prevalence", "prevalence_positive", "trivial_f1"}``: the share of all slices labelled
+        positive, the share of the slices of positive volumes labelled positive, and the trivial
+        rule's F1 (NaN where undefined: no slices, no positive volume, or no positive slice and
+        none called).
+    """
+    labels = _numpy(labels).reshape(-1).astype(int)
+    in_positive = _numpy(in_positive).reshape(-1).astype(bool)
+    called = _numpy(volume_called).reshape(-1).astype(int)
+    return {
+        "prevalence": float(labels.mean()) if labels.size else math.nan,
+        "prevalence_positive": float(labels[in_positive].mean()) if in_positive.any() else math.nan,
+        "trivial_f1": binary_metrics(labels, called)["f1"],
+    }
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -244,7 +276,9 @@ class SliceMetrics(Metric):
     the per-slice labels (aligned with the scored slices) from ``engine.state.batch``; volumes
     without slice labels are skipped. The slice rule is :func:`slice_predictions`. Result keys
     carry ``prefix`` (``slice_acc``, ...) plus ``slice_volumes``, the volumes counted, and
-    ``slice_tau`` and ``slice_threshold``, the rule applied. With ``tune``, also
+    ``slice_tau`` and ``slice_threshold``, the rule applied, and ``slice_prevalence``,
+    ``slice_prevalence_positive`` and ``slice_trivial_f1`` (:func:`slice_baselines`, the
+    trivial rule at the same volume threshold). With ``tune``, also
     ``slice_tuned_tau``, ``slice_tuned_threshold`` and ``slice_tuned_f1``: the rule with the
     best F1 on these slices (:func:`pipeline.workflow.slice_rule.tune_slice_rule`). Works
     across distributed processes.
@@ -349,12 +383,14 @@ class SliceMetrics(Metric):
         result["auc"] = binary_metrics(labels[in_positive], labels[in_positive], scores[in_positive])["auc"]
         result["volumes"] = volumes
         result["tau"], result["threshold"] = self._rule
+        probabilities = _gather(self._probabilities)
+        result.update(slice_baselines(labels, in_positive, probabilities >= self._rule[1]))
         if self.intervals.resamples and labels.size:
             keys, volume = np.unique(_gather(self._volume_keys, torch.int64), return_inverse=True)
             volume_labels = np.zeros(keys.size, dtype=int)
             volume_labels[volume] = in_positive
             result.update(slice_intervals(volume, volume_labels, labels, predictions, scores, self.intervals))
         if self.tune:
-            tuned = tune_slice_rule(_gather(self._probabilities), scores, labels)
+            tuned = tune_slice_rule(probabilities, scores, labels)
             result.update(tuned_tau=tuned.tau, tuned_threshold=tuned.threshold, tuned_f1=tuned.f1)
         return _prefixed(self.prefix, result)

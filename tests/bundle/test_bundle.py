@@ -160,6 +160,15 @@ def test_evaluate_writes_metrics_at_volume_and_slice_level(
     assert metrics["slice"]["tau"] == pytest.approx(float(stored["slice_rule.tau"]))
     assert metrics["slice"]["threshold"] == pytest.approx(float(stored["slice_rule.threshold"]))
     assert (metrics["slice_paper"]["tau"], metrics["slice_paper"]["threshold"]) == (1.0, 0.5)
+    test_items = json.loads((tiny_demo_dataset / "datalist.json").read_text())["test"]
+    test_slices = [label for item in test_items for label in item["slice_labels"]]
+    positive_slices = [label for item in test_items if item["label"] for label in item["slice_labels"]]
+    for level in ("slice", "slice_paper"):
+        assert metrics[level]["prevalence"] == pytest.approx(sum(test_slices) / len(test_slices))
+        assert metrics[level]["prevalence_positive"] == pytest.approx(
+            sum(positive_slices) / len(positive_slices)
+        )
+        assert metrics[level]["trivial_f1"] is None or 0.0 <= metrics[level]["trivial_f1"] <= 1.0
     for level in ("volume", "slice", "slice_paper"):
         values = metrics[level]
         (tn, fp), (fn, tp) = values["confusion_matrix"]

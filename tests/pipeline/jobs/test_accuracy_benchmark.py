@@ -19,6 +19,7 @@ from pipeline.export.results_tables import (
     format_value,
     metrics_table,
     seed_summary,
+    slice_baseline_table,
 )
 from pipeline.jobs.accuracy_benchmark import BUDGETS, RUNS, run_accuracy_benchmark, select_runs
 from pipeline.jobs.cli import main
@@ -82,6 +83,11 @@ def test_smoke_study_tables_have_every_row_in_range(smoke_study: Path) -> None:
     assert "torch" in text and "CPU cores" in text
     _check_metrics_table(_section(text, "## Table 1"), TABLE1_ROWS, ENHANCEMENT_COLUMNS)
     _check_metrics_table(_section(text, "## Table 2"), TABLE2_ROWS, ABLATION_COLUMNS)
+    baselines = _table_rows(_section(text, "## Slice F1 against the trivial rule"))
+    assert len(baselines) == 2 * (len(RUNS) - 1)  # both slice rules of every run but N-SLA
+    for row in baselines:
+        assert all(value == "n/a" or 0.0 <= float(value) <= 1.0 for value in row[2:6]), row
+        assert row[6] == "n/a" or -1.0 <= float(row[6]) <= 1.0, row
 
     runs = _table_rows(_section(text, "## Runs"))
     assert sorted(row[0] for row in runs) == sorted(spec.name for spec in RUNS)
@@ -222,3 +228,17 @@ def test_metrics_table_volume_then_slice_blocks() -> None:
     assert lines[6] == "| Slice level, tuned rule | N-SLA | NA | NA | NA | NA | NA | NA |"
     assert lines[7] == "|  | Proposed | 0.400 | 0.400 | 0.400 | 0.400 | 0.400 | 0.400 |"
     assert len(lines) == 8
+
+
+def test_slice_baseline_table_puts_the_trivial_rule_beside_the_model() -> None:
+    proposed = _result("proposed", "Proposed")
+    measured = {"prevalence": 0.2, "prevalence_positive": 0.4, "trivial_f1": 0.3}
+    proposed.metrics["slice"].update(measured)
+    proposed.metrics["slice_paper"].update(measured, trivial_f1=None)
+    rows = [_result("n_sla", "N-SLA", slice_level=False), proposed]
+
+    lines = slice_baseline_table(rows).splitlines()
+
+    assert len(lines) == 2 + 2, "no rows for a run without slice attention"
+    assert lines[2] == "| Proposed | paper rule | 0.200 | 0.400 | 0.500 | n/a | n/a |"
+    assert lines[3] == "| Proposed | tuned rule | 0.200 | 0.400 | 0.400 | 0.300 | 0.100 |"

@@ -43,6 +43,9 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for level in ("volume", "slice"):
         assert all(_in_unit_range(metrics[level][name]) for name in METRICS), metrics[level]
         assert sum(map(sum, metrics[level]["confusion_matrix"])) == metrics[level]["count"]
+    test_slices = [label for item in datalist["test"] for label in item["slice_labels"]]
+    assert metrics["slice"]["prevalence"] == pytest.approx(sum(test_slices) / len(test_slices))
+    assert _in_unit_range(metrics["slice"]["trivial_f1"])
 
     predictions = _read(out / "inference" / "predictions.csv")
     assert {row["case_id"] for row in predictions} == test_ids
@@ -62,6 +65,8 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert heading in report
     value = r"[0-9.na/-]+(?: \[[0-9.]+, [0-9.]+\])?"  # a metric and its bootstrap interval
     assert re.search(rf"\| ROC AUC \| {value} \| {value} \|", report)
+    assert re.search(rf"\| F1, every slice of a called volume \| - \| {value} \|", report)
+    assert re.search(rf"\| Slice prevalence, all volumes \| - \| {value} \|", report)
     assert "## Calibration" in report and "figures/reliability.png" in report
     for level in ("volume", "slice"):
         assert "auc_ci" in metrics[level] and "acc_ci" in metrics[level]

@@ -15,6 +15,7 @@ from pipeline.workflow.metrics import (
     VolumeMetrics,
     binary_metrics,
     score_and_label,
+    slice_baselines,
     slice_predictions,
 )
 
@@ -138,6 +139,40 @@ def test_slice_metrics_apply_the_rule_and_read_slice_labels_from_the_batch() -> 
     assert metrics["slice_pre"] == pytest.approx(0.5) and metrics["slice_sen"] == 1.0
     # attention AUC over the positive volume's slices: the labelled slice has the top weight
     assert metrics["slice_auc"] == 1.0
+
+
+def test_slice_baselines_on_a_known_case() -> None:
+    # A: positive, called, 2 of 4 slices diseased; B: negative, called; C: positive, missed.
+    labels = [1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]  # volumes A, B, C of 4 slices
+    in_positive = [1] * 4 + [0] * 4 + [1] * 4
+    called = [1] * 4 + [1] * 4 + [0] * 4
+
+    result = slice_baselines(labels, in_positive, called)
+
+    assert result["prevalence"] == pytest.approx(3 / 12)
+    assert result["prevalence_positive"] == pytest.approx(3 / 8)
+    # every slice of A and B called: TP 2, FP 6, FN 1
+    assert result["trivial_f1"] == pytest.approx(2 * 2 / (2 * 2 + 6 + 1))
+
+
+def test_slice_baselines_without_slices_are_nan() -> None:
+    result = slice_baselines([], [], [])
+    assert all(math.isnan(value) for value in result.values())
+
+
+def test_slice_metrics_report_prevalence_and_the_trivial_rule() -> None:
+    metric = SliceMetrics(tau=1.0, threshold=0.5)
+    metric.update((torch.tensor([0.1, 0.9]), torch.tensor([0.1, 0.4, 0.3, 0.2]), [1, 1, 0, 0], 1))
+    metric.update((torch.tensor([0.3, 0.7]), torch.tensor([0.4, 0.2, 0.2, 0.2]), [0, 0, 0, 0], 0))
+    metric.update((torch.tensor([0.7, 0.3]), torch.tensor([0.7, 0.1, 0.1, 0.1]), [1, 0, 0, 0], 1))
+
+    result = metric.compute()
+
+    assert result["slice_prevalence"] == pytest.approx(0.25)
+    assert result["slice_prevalence_positive"] == pytest.approx(0.375)
+    assert result["slice_trivial_f1"] == pytest.approx(4 / 11)
+    # the attention rule: slice 1 and 2 of the first volume, slice 0 of the second
+    assert result["slice_f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 2))
 
 
 def test_slice_metrics_check_lengths() -> None:
