@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 
 from pipeline.export.attention_export import SliceAttentionSaver, write_prediction_tables
@@ -66,19 +67,18 @@ class BatchTables:
         self.outcomes: list[dict[str, Any]] = []
         self._rows_taken = self._errors_taken = 0
 
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine``: reset at ``STARTED``, collect each iteration, merge at ``COMPLETED``."""
         engine.add_event_handler(Events.STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.COMPLETED, self.merge)
 
-    def reset(self, engine: Any = None) -> None:
+    def reset(self, engine: Engine | None = None) -> None:
         """Forget the outcomes of an earlier run of the engine."""
         self.outcomes = []
         self._rows_taken = self._errors_taken = 0
 
-    def collect(self, engine: Any) -> None:
+    def collect(self, engine: Engine) -> None:
         """Take the saver's outcome of each case of this iteration; record the scored ones."""
         output = engine.state.output
         results = output if isinstance(output, list) else decollate_batch(output, detach=True)
@@ -95,7 +95,7 @@ class BatchTables:
             if self.record_cases:
                 write_record(self.output_dir, self.cases[row["case_id"]], row)
 
-    def merge(self, engine: Any = None) -> None:
+    def merge(self, engine: Engine | None = None) -> None:
         """Gather the outcomes of every process and, on rank 0, write both tables (a collective call)."""
         outcomes = interleave(gather_objects(self.outcomes))
         if not is_main_process():
