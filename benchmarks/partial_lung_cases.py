@@ -148,7 +148,7 @@ def partial_lung_cases(
 def abdomen_without_lung(
     hu: np.ndarray, lungs: np.ndarray, spacing: np.ndarray, seed: int = 0
 ) -> PartialLungCase:
-    """The abdomen slices of ``abdomen + 0.1 l of bases, gas`` alone: stomach and bowel gas, no lung."""
+    """Abdomen slices with stomach and bowel gas as in ``abdomen + 0.1 l of bases, gas``, alone: no lung."""
     case_hu, _, gas = _abdomen_with_gas(
         hu[:, :, :FEW_BASE_SLICES], lungs[:, :, :FEW_BASE_SLICES], spacing, np.random.default_rng(seed)
     )
