@@ -356,7 +356,7 @@ def _largest_regions(
     up = labels if head_last else labels[:, :, ::-1]
     boxes = ndimage.find_objects(up, max_label=max(candidates, default=0))
     candidates = [i for i in candidates if not _gas_density(volume_hu, labels, boxes, i, head_last)]
-    bases_mm = None
+    bases_mm, cut_at_top = None, []
     if candidates:
         under = _under_another(up, boxes, count, candidates) if len(candidates) > 1 else set()
         candidates = [i for i in candidates if i not in under]
@@ -366,13 +366,10 @@ def _largest_regions(
         lungs_l = sum(volumes_l[i] for i in candidates if i not in at_bottom)
         if len(candidates) > 1 and lungs_l >= _expected_minimum(min_lungs_l, bases_mm):
             candidates = [i for i in candidates if i not in at_bottom]
-        if bases_mm is not None:  # the domes cut each lung base into pieces: all of them are lung
-            max_regions = max(max_regions, len(cut_at_top))
-            candidates = [i for i in candidates if i in cut_at_top] + [
-                i for i in candidates if i not in cut_at_top
-            ]
     largest_l = volumes_l[candidates[0]] if candidates else 0.0
     kept = candidates[:1] + [i for i in candidates[1:max_regions] if volumes_l[i] >= min_fraction * largest_l]
+    if bases_mm is not None:  # the domes cut each lung base into pieces: all of them are lung
+        kept += [i for i in cut_at_top if i not in kept and volumes_l[i] >= min_fraction * largest_l]
     keep = np.zeros(volumes_l.shape, dtype=bool)
     keep[kept] = True
     return keep[labels], [float(volumes_l[i]) for i in kept], bases_mm
