@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
-from partial_lung_cases import partial_lung_cases  # the sibling module: run as a script from anywhere
+from partial_lung_cases import abdomen_without_lung, partial_lung_cases  # sibling module: run as a script
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 from skimage.segmentation import clear_border
 
 from pipeline.data.base_ct import cached_base_ct
-from transforms import LungMask, segment_lungs
+from transforms import LungMask, NoLungFoundError, segment_lungs
 
 DEFAULT_SERIES = cached_base_ct()
 """The demo's real CT in the cache (``python -m pipeline fetch-base-ct``)."""
@@ -133,24 +133,36 @@ def partial_scans(image: MetaTensor, lungs: np.ndarray, spacing: np.ndarray, rep
     cases = [("whole chest (the series)", hu, lungs, np.zeros(hu.shape, dtype=bool))]
     cases += [(case.name, case.hu, case.lungs, case.gas) for case in partial_lung_cases(hu, lungs, spacing)]
     header = (
-        f"{'partial-lung case':28s} {'slices':>6s} {'wall s':>7s} {'cpu s':>7s} {'lung l':>7s} "
-        f"{'mask l':>7s} {'lung covered':>13s} {'mask / lung':>12s} {'gas ml':>7s} {'gas in mask ml':>15s}"
+        f"{'partial-lung case':30s} {'slices':>6s} {'wall s':>7s} {'cpu s':>7s} {'lung l':>7s} "
+        f"{'mask l':>7s} {'lung covered':>13s} {'mask / lung':>12s} {'undilated / lung':>17s} {'gas ml':>7s} "
+        f"{'gas in mask ml':>15s}"
     )
     print(header)
     print("-" * len(header))
     for name, case_hu, case_lungs, gas in cases:
         case_image = MetaTensor(case_hu[None], affine=image.affine)
         mask, wall, cpu, _ = timed(lambda img=case_image: LungMask()(img)[0].numpy() > 0, repeats)
+        undilated = np.count_nonzero(LungMask(dilation_mm=0.0)(case_image)[0].numpy())
         lung, masked = np.count_nonzero(case_lungs), np.count_nonzero(mask)
         covered = np.count_nonzero(mask & case_lungs) / lung
         gas_ml, gas_kept_ml = (np.count_nonzero(g) * voxel_l * 1e3 for g in (gas, mask & gas))
         print(
-            f"{name:28s} {case_hu.shape[2]:6d} {wall:7.2f} {cpu:7.2f} {lung * voxel_l:7.2f} "
-            f"{masked * voxel_l:7.2f} {covered:13.1%} {masked / lung:12.2f} {gas_ml:7.0f} {gas_kept_ml:15.1f}"
+            f"{name:30s} {case_hu.shape[2]:6d} {wall:7.2f} {cpu:7.2f} {lung * voxel_l:7.3f} "
+            f"{masked * voxel_l:7.3f} {covered:13.1%} {masked / lung:12.2f} {undilated / lung:17.2f} "
+            f"{gas_ml:7.0f} {gas_kept_ml:15.1f}"
         )
+    no_lung = abdomen_without_lung(hu, lungs, spacing)
+    try:
+        LungMask()(MetaTensor(no_lung.hu[None], affine=image.affine))
+        outcome = "a mask (wrong: it holds no lung)"
+    except NoLungFoundError as error:
+        outcome = f"refused: {str(error).split(': ', 1)[1]}"
+    gas_ml = np.count_nonzero(no_lung.gas) * voxel_l * 1e3
+    print(f"{no_lung.name} ({no_lung.hu.shape[2]} slices, {gas_ml:.0f} ml of gas): {outcome}")
     print()
     print("'lung l': the series' lungs before dilation (segment_lungs, dilation_mm=0) where each case")
-    print("keeps them; 'mask / lung': mask volume over that (the 5 mm dilation: 1.3 on the whole chest).")
+    print("keeps them; 'mask / lung': mask volume over that (the 5 mm dilation: 1.3 on the whole chest);")
+    print("'undilated / lung': the same without the dilation (LungMask(dilation_mm=0)).")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ keeps. The cases are the scans a chest-only design forgets:
 
 - ``lung bases``: the series' lowest 16 slices alone (80 mm: the liver and stomach region, the diaphragm
   domes and the lower lobes), as in an abdominal scan that holds only the lung bases.
+- ``lung bases, 0.1 l``: the lowest 10 slices alone (50 mm), which hold 0.1 l of lung in three pieces
+  cut by the scan's top, as an abdominal CT that shows only the tips of the bases (fewer litres than the
+  fixed minimum a whole-chest check expects).
+- ``abdomen + 0.1 l of bases, gas``: those 10 slices above the abdomen slices and gas described next.
 - ``abdomen + bases, gas``: the same bases above 12 abdomen slices (60 mm) with a gas-distended stomach
   (about 0.36 l, as after effervescent granules: as much air as either lung base) under the dome of one
   lung, clear of the scan's bottom, and bowel gas (a transverse colon, a bubble, a loop reaching the
@@ -14,6 +18,8 @@ keeps. The cases are the scans a chest-only design forgets:
 - ``chest + gas below``: the whole series above the same abdomen slices and gas.
 - ``small field of view``: the whole series seen through a 220 mm wide window that cuts about 30 mm off
   the side of each lung (the depth from sternum to spine is kept).
+
+:func:`abdomen_without_lung` gives the abdomen slices and gas alone: a scan without any lung.
 
 The abdomen slices copy the series' lowest slice (body outline, spine, table, outside air) with the gas
 inside its body replaced by soft tissue (45 HU plus the scanner's noise, 10 HU). The gas is -1000 HU plus
@@ -30,6 +36,7 @@ from scipy import ndimage
 
 ABDOMEN_SLICES = 12
 BASE_SLICES = 16
+FEW_BASE_SLICES = 10
 SOFT_TISSUE_HU = 45.0
 NOISE_HU = 10.0
 GAS_HU = -1000.0
@@ -126,9 +133,26 @@ def partial_lung_cases(
     centre = round(float(np.argwhere(lungs.any(axis=(1, 2))).mean()))
     half = round(float(FIELD_OF_VIEW_MM / spacing[0] / 2))
     window = (slice(centre - half, centre + half), slice(None))
+    few = (slice(None), slice(None), slice(FEW_BASE_SLICES))
+    few_gas = _abdomen_with_gas(hu[few], lungs[few], spacing, rng)
     return [
         PartialLungCase("lung bases", bases, lungs[:, :, :BASE_SLICES], no_gas[:, :, :BASE_SLICES]),
         PartialLungCase("abdomen + bases, gas", *bases_gas),
         PartialLungCase("chest + gas below", *chest_gas),
         PartialLungCase("small field of view", hu[window], lungs[window], no_gas[window]),
+        PartialLungCase("lung bases, 0.1 l", hu[few], lungs[few], no_gas[few]),
+        PartialLungCase("abdomen + 0.1 l of bases, gas", *few_gas),
     ]
+
+
+def abdomen_without_lung(
+    hu: np.ndarray, lungs: np.ndarray, spacing: np.ndarray, seed: int = 0
+) -> PartialLungCase:
+    """Abdomen slices with stomach and bowel gas as in ``abdomen + 0.1 l of bases, gas``, alone: no lung."""
+    case_hu, _, gas = _abdomen_with_gas(
+        hu[:, :, :FEW_BASE_SLICES], lungs[:, :, :FEW_BASE_SLICES], spacing, np.random.default_rng(seed)
+    )
+    abdomen = (slice(None), slice(None), slice(ABDOMEN_SLICES))
+    return PartialLungCase(
+        "abdomen, gas, no lung", case_hu[abdomen], np.zeros(gas[abdomen].shape, bool), gas[abdomen]
+    )

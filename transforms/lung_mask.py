@@ -58,6 +58,13 @@ _OUTLINE_STEP = 4
 _MIN_UNDER_FRACTION = 0.5
 # Air whose cross-section in the scan's bottom slice is at least this share of its largest is not lung tips.
 _MAX_BOTTOM_SHARE = 0.25
+# Air with a median below this is gas: lung parenchyma, air with its vessels and septa, lies around -850 HU
+# (bases, with their dependent density, near -750) and above -950 HU in median even when emphysematous;
+# stomach and bowel gas is air, -1000 HU.
+_MAX_GAS_MEDIAN_HU = -960.0
+# Craniocaudal extent of adult lungs: a scan that holds only their lowest part (an abdominal scan with the
+# lung bases) is expected to hold that share of the plausible lung volume.
+_LUNG_HEIGHT_MM = 250.0
 
 
 class NoLungFoundError(InvalidVolumeError):
@@ -103,11 +110,15 @@ def find_lungs(
            airways reach the nose at the top of a long scan), but keep lung that a small field of view cuts
            through (air inside the outline of a body that itself runs along those sides of the image). In
            3D, drop regions below ``min_component_ml`` and above the largest plausible lung volume, regions
-           that lie mostly under another one (stomach and bowel gas under the domes of the lungs), and,
+           of gas density (median below -960 HU: stomach and bowel gas, where lung parenchyma lies around
+           -850 HU), regions that lie mostly under another one (gas under the domes of the lungs), and,
            when the others hold a plausible lung volume, the regions that reach the scan's bottom slice
            (bowel gas). Keep the largest region left and up to ``max_lungs - 1`` more whose volume is at
-           least ``min_lung_fraction`` of it (smaller gas pockets, table cavities). Refuse air that is wide
-           open at the scan's bottom but clear of its top (the scan bottom check). Fill enclosed cavities.
+           least ``min_lung_fraction`` of it (smaller gas pockets, table cavities); in a scan that holds
+           only the lung bases (regions cut wide open by its top slice, as in an abdominal CT), every such
+           cut region too, since the diaphragm's domes split each base into pieces. Refuse air that is
+           wide open at the scan's bottom but clear of its top (the scan bottom check). Fill enclosed
+           cavities.
         3. Separate left and right lung where they touch only through thin parts (the airways, the junction
            lines in front of and behind the heart). Per lung, axial slice and connected piece, add the convex
            hull, unless it would be more than ``max_hull_ratio`` times the piece's area, and there only the
@@ -123,7 +134,9 @@ def find_lungs(
         smooth_sigma_mm: standard deviation of the Gaussian smoothing; 0 to skip it.
         min_component_ml: air regions smaller than this (ml) are never lungs.
         lung_volume_l: plausible range ``(min, max)`` of the lungs' total volume in litres. A region larger
-            than ``max`` is not a lung; fewer than ``min`` litres of lung raises :class:`NoLungFoundError`.
+            than ``max`` is not a lung; fewer than ``min`` litres of lung raises :class:`NoLungFoundError`,
+            ``min`` scaled by the share of the lungs' height (25 cm) that a scan holding only the lung
+            bases covers: the height from the lowest slice of those bases to the scan's top.
         max_lungs: number of separate regions to keep at most (two lungs; one when they connect).
         min_lung_fraction: a further region is kept only when it holds at least this fraction of the largest.
         max_hull_ratio: a slice piece whose convex hull is more than this many times its area keeps its shape.
@@ -153,15 +166,26 @@ def find_lungs(
 
     air = _smooth(volume_hu, smooth_sigma_mm, spacing) < threshold_hu
     inside_air = _drop_border_air(air, spacing)
-    lungs, volumes_l = _largest_regions(
-        inside_air, voxel_ml, min_component_ml / 1000.0, max_l, max_lungs, min_lung_fraction, min_l, head_last
+    lungs, volumes_l, bases_mm = _largest_regions(
+        inside_air,
+        volume_hu,
+        voxel_ml,
+        spacing[2],
+        min_component_ml / 1000.0,
+        max_l,
+        max_lungs,
+        min_lung_fraction,
+        min_l,
+        head_last,
     )
     found_l = float(sum(volumes_l))
-    if not volumes_l or found_l < min_l:
+    needed_l = _expected_minimum(min_l, bases_mm)
+    if not volumes_l or found_l < needed_l:
+        covers = "" if bases_mm is None else f" of a scan that holds their lowest {bases_mm:.0f} mm"
         raise NoLungFoundError(
             f"{name}: no lung found (lung volume check): the air inside the body (below {threshold_hu:g} "
-            f"HU) holds {found_l:.3g} l in its largest plausible region(s), less than the {min_l:g} l "
-            "expected of lungs"
+            f"HU, gas of {_MAX_GAS_MEDIAN_HU:g} HU or less left out) holds {found_l:.3g} l in its largest "
+            f"plausible region(s), less than the {needed_l:.3g} l expected of lungs{covers}"
         )
     _check_not_only_at_bottom(lungs, head_last, name)
 
@@ -306,38 +330,87 @@ def _convex_outline(region: np.ndarray) -> np.ndarray:
 
 def _largest_regions(
     air: np.ndarray,
+    volume_hu: np.ndarray,
     voxel_ml: float,
+    slice_mm: float,
     min_l: float,
     max_l: float,
     max_regions: int,
     min_fraction: float,
     min_lungs_l: float,
     head_last: bool,
-) -> tuple[np.ndarray, list[float]]:
-    """The largest 3D air regions of plausible size that are not gas below the lungs.
+) -> tuple[np.ndarray, list[float], float | None]:
+    """The largest 3D air regions of plausible size that are neither gas nor air below the lungs.
 
-    Returns their mask and volumes (litres). Of the regions of plausible size, those under another one
-    (:func:`_under_another`) are gas below the diaphragm; of the rest, those cut wide open by the scan's
-    bottom slice (:func:`_cut_open_at_bottom`) are bowel gas when the others hold at least ``min_lungs_l``
-    litres, as lungs do.
+    Returns their mask, their volumes (litres) and, when the scan holds only the lungs' lower part, the
+    height of that part in mm (:func:`_bases_height_mm`; ``None`` otherwise). Of the regions of plausible
+    size, those of gas density (median below -960 HU) are stomach or bowel gas, and so are those under
+    another one (:func:`_under_another`); of the rest, those cut wide open by the scan's bottom slice
+    (:func:`_cut_open_at_bottom`) are bowel gas when the others hold the lung volume expected of the scan
+    (:func:`_expected_minimum` of ``min_lungs_l``).
     """
     labels, count = ndimage.label(air)
     volumes_l = np.bincount(labels.ravel()) * (voxel_ml / 1000.0)
     volumes_l[0] = 0.0
     candidates = [int(i) for i in np.argsort(volumes_l)[::-1] if min_l <= volumes_l[i] <= max_l]
-    if len(candidates) > 1:
-        up = labels if head_last else labels[:, :, ::-1]
-        boxes = ndimage.find_objects(up, max_label=max(candidates))
-        under = _under_another(up, boxes, count, candidates)
+    up = labels if head_last else labels[:, :, ::-1]
+    boxes = ndimage.find_objects(up, max_label=max(candidates, default=0))
+    candidates = [i for i in candidates if not _gas_density(volume_hu, labels, boxes, i, head_last)]
+    bases_mm, cut_at_top = None, []
+    if candidates:
+        under = _under_another(up, boxes, count, candidates) if len(candidates) > 1 else set()
         candidates = [i for i in candidates if i not in under]
         at_bottom = _cut_open_at_bottom(up, boxes, candidates)
-        if sum(volumes_l[i] for i in candidates if i not in at_bottom) >= min_lungs_l:
+        cut_at_top = _cut_open_at_top(up, boxes, [i for i in candidates if i not in at_bottom])
+        bases_mm = _bases_height_mm(boxes, cut_at_top, slice_mm, labels.shape[2])
+        lungs_l = sum(volumes_l[i] for i in candidates if i not in at_bottom)
+        if len(candidates) > 1 and lungs_l >= _expected_minimum(min_lungs_l, bases_mm):
             candidates = [i for i in candidates if i not in at_bottom]
     largest_l = volumes_l[candidates[0]] if candidates else 0.0
     kept = candidates[:1] + [i for i in candidates[1:max_regions] if volumes_l[i] >= min_fraction * largest_l]
+    if bases_mm is not None:  # the domes cut each lung base into pieces: all of them are lung
+        kept += [i for i in cut_at_top if i not in kept and volumes_l[i] >= min_fraction * largest_l]
     keep = np.zeros(volumes_l.shape, dtype=bool)
     keep[kept] = True
-    return keep[labels], [float(volumes_l[i]) for i in kept]
+    return keep[labels], [float(volumes_l[i]) for i in kept], bases_mm
+
+
+def _gas_density(volume_hu: np.ndarray, labels: np.ndarray, boxes: list, index: int, head_last: bool) -> bool:
+    """Whether region ``index`` has the density of gas (median below -960 HU), not of lung parenchyma."""
+    box = boxes[index - 1]
+    if not head_last:  # ``boxes`` index the slices from the feet up
+        depth = labels.shape[2]
+        box = (*box[:2], slice(depth - box[2].stop, depth - box[2].start))
+    return bool(np.median(volume_hu[box][labels[box] == index]) < _MAX_GAS_MEDIAN_HU)
+
+
+def _cut_open_at_top(labels: np.ndarray, boxes: list, candidates: list[int]) -> list[int]:
+    """The candidate regions cut wide open by the scan's top slice (index ``-1``), in the given order.
+
+    The lungs of a scan that holds only their lower part (an abdominal CT showing the lung bases) are cut
+    so, as :func:`_cut_open_at_bottom` tells gas cut by the bottom slice.
+    """
+    depth = labels.shape[2]
+    cut = []
+    for index in candidates:
+        box = boxes[index - 1]
+        if box[2].stop == depth and _wide_at_bottom(
+            np.count_nonzero(labels[box] == index, axis=(0, 1))[::-1]
+        ):
+            cut.append(index)
+    return cut
+
+
+def _bases_height_mm(boxes: list, cut_at_top: list[int], slice_mm: float, depth: int) -> float | None:
+    """Height in mm of the lung bases ``cut_at_top`` (lowest slice to the scan's top); ``None`` without."""
+    if not cut_at_top:
+        return None
+    return (depth - min(boxes[index - 1][2].start for index in cut_at_top)) * slice_mm
+
+
+def _expected_minimum(min_l: float, bases_mm: float | None) -> float:
+    """Least lung volume expected of a scan: ``min_l``, scaled by the share of the lungs' height it holds."""
+    return min_l if bases_mm is None else min_l * min(1.0, bases_mm / _LUNG_HEIGHT_MM)
 
 
 def _wide_at_bottom(areas: np.ndarray) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "SliceAttentionSaver",
     "top_slices",
     "write_csv",
+    "write_prediction_tables",
 ]
 
 PREDICTIONS_FILE = "predictions.csv"
@@ -66,6 +67,19 @@ def top_slices(attention: np.ndarray, slice_indices: np.ndarray, k: int) -> list
     """The original indices of the ``k`` slices with the highest attention, highest first."""
     order = np.argsort(-np.asarray(attention, dtype=float), kind="stable")[:k]
     return [int(np.asarray(slice_indices)[i]) for i in order]
+
+
+def write_prediction_tables(
+    output_dir: str | os.PathLike, predictions: Sequence[Mapping[str, Any]], errors: Sequence[Sequence[str]]
+) -> None:
+    """Write ``predictions.csv`` (rows as :meth:`SliceAttentionSaver.save_case` makes them, with
+    ``label`` when any has one) and ``errors.csv`` (``(image, error)`` pairs), each atomically."""
+    columns = list(PREDICTION_COLUMNS)
+    if any("label" in row for row in predictions):
+        columns.append("label")
+    rows = [[row.get(column, "") for column in columns] for row in predictions]
+    write_csv(Path(output_dir) / PREDICTIONS_FILE, columns, rows)
+    write_csv(Path(output_dir) / ERRORS_FILE, ERROR_COLUMNS, errors)
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -117,6 +131,8 @@ class SliceAttentionSaver:
             slice_indices, case_id, cams)`` with the network input ``(C, H, W, S)`` and the
             maps under ``cam_key`` (``None`` when absent), e.g. a
             :class:`~pipeline.export.heatmap_export.SliceHeatmapWriter`; ``None``: no heatmaps.
+        tables: write ``predictions.csv`` and ``errors.csv`` after each case; ``False`` when a
+            :class:`~pipeline.export.batch_tables.BatchTables` merges them at the end instead.
     """
 
     def __init__(
@@ -137,6 +153,7 @@ class SliceAttentionSaver:
         save_figures: bool = True,
         figure_kwargs: Mapping[str, Any] | None = None,
         heatmaps: Callable[..., Any] | None = None,
+        tables: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.pred_key = pred_key
@@ -155,6 +172,7 @@ class SliceAttentionSaver:
         self.save_figures = save_figures
         self.figure_kwargs = dict(figure_kwargs or {})
         self.heatmaps = heatmaps
+        self.tables = tables
         self.logger = logging.getLogger(__name__)
         self.predictions: list[dict[str, Any]] = []
         self.errors: list[tuple[str, str]] = []
@@ -166,13 +184,15 @@ class SliceAttentionSaver:
         engine.add_event_handler(Events.STARTED, self.reset)
         engine.add_event_handler(Events.EPOCH_STARTED, self.read_slice_rule)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self.write_tables)
+        if self.tables:
+            engine.add_event_handler(Events.COMPLETED, self.write_tables)
 
     def reset(self, engine: Engine | None = None) -> None:
         """Forget earlier cases and start fresh tables (an evaluator may run once per epoch)."""
         self.predictions, self.errors, self._case_ids = [], [], set()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.write_tables()
+        if self.tables:
+            self.write_tables()
 
     def read_slice_rule(self, engine: Engine) -> None:
         """Take the slice rule for this run: the given values, else the engine network's stored ones."""
@@ -193,7 +213,8 @@ class SliceAttentionSaver:
                 )
             else:
                 self.save_case(item, result)
-        self.write_tables()
+        if self.tables:
+            self.write_tables()
 
     def record_error(self, image: str, message: str) -> None:
         """Add a row to ``errors.csv`` for a case that could not be processed."""
@@ -289,12 +310,4 @@ class SliceAttentionSaver:
 
     def write_tables(self, engine: Engine | None = None) -> None:
         """Write ``predictions.csv`` and ``errors.csv`` as they stand (both always exist after a run)."""
-        columns = list(PREDICTION_COLUMNS)
-        if any("label" in row for row in self.predictions):
-            columns.append("label")
-        write_csv(
-            self.output_dir / PREDICTIONS_FILE,
-            columns,
-            [[row.get(column, "") for column in columns] for row in self.predictions],
-        )
-        write_csv(self.output_dir / ERRORS_FILE, ERROR_COLUMNS, self.errors)
+        write_prediction_tables(self.output_dir, self.predictions, self.errors)

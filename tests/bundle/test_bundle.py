@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,14 +38,23 @@ TINY = [
 ]  # fmt: skip
 
 
-def _bundle(*args: str, processes: int = 1, timeout: int = 400) -> str:
-    """Run ``python -m monai.bundle *args`` (under ``torchrun`` for several processes); return its log."""
+def _bundle(*args: str, processes: int = 1, timeout: int = 400, one_thread: bool = False) -> str:
+    """Run ``python -m monai.bundle *args`` (under ``torchrun`` for several processes); return its log.
+
+    ``one_thread``: one CPU thread, as ``torchrun`` gives each process, so that one process and
+    several compute the same numbers.
+    """
     launcher = [sys.executable, "-m", "monai.bundle"]
     if processes > 1:
         torchrun = ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         launcher = [sys.executable, "-m", *torchrun, "-m", "monai.bundle"]
     result = subprocess.run(
-        [*launcher, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+        [*launcher, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
@@ -54,6 +64,11 @@ def _bundle(*args: str, processes: int = 1, timeout: int = 400) -> str:
 def _train(root: Path, dataset: Path, *extra: str, config: str = TRAIN, processes: int = 1) -> str:
     places = ["--bundle_root", str(root), "--dataset_dir", str(dataset)]
     return _bundle("run", "--config_file", config, *places, *TINY, *extra, processes=processes)
+
+
+def _places(root: Path, dataset: Path, out: Path) -> list[str]:
+    """Command-line options placing a run: bundle root, data set and output folder."""
+    return ["--bundle_root", str(root), "--dataset_dir", str(dataset), "--output_dir", str(out)]
 
 
 def _scalars(log_dir: Path) -> dict[str, list[int]]:
@@ -142,14 +157,7 @@ def test_evaluate_writes_metrics_at_volume_and_slice_level(
 ) -> None:
     config = f"['{TRAIN}','{CONFIGS / 'evaluate.json'}']"
 
-    places = [
-        "--bundle_root",
-        str(trained),
-        "--dataset_dir",
-        str(tiny_demo_dataset),
-        "--output_dir",
-        str(tmp_path),
-    ]
+    places = _places(trained, tiny_demo_dataset, tmp_path)
     _bundle("run", "--config_file", config, *places, "--save_slice_attention", "True", *TINY)
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -196,6 +204,26 @@ def test_two_process_gloo_training(tiny_demo_dataset: Path, tmp_path: Path) -> N
         len(list((tmp_path / "eval").glob("events.out.tfevents.*"))) == 2
     )  # trainer and evaluator of rank 0
     assert len(re.findall(r"saved the training state of epoch 1", log)) == 1  # rank 0 only
+
+
+@pytest.mark.slow
+def test_two_process_gloo_evaluation_equals_one_process(
+    trained: Path, tiny_demo_dataset: Path, tmp_path: Path
+) -> None:
+    configs = [TRAIN, str(CONFIGS / "evaluate.json")]
+    outputs = {}
+    for processes, extra in ((1, []), (2, [str(CONFIGS / "multi_gpu_evaluate.json")])):
+        out = tmp_path / f"processes_{processes}"
+        places = _places(trained, tiny_demo_dataset, out)
+        config = "[" + ",".join(f"'{name}'" for name in configs + extra) + "]"
+        options = ["--eval_split", "validation", "--save_slice_attention", "True", *TINY]
+        _bundle("run", "--config_file", config, *places, *options, processes=processes, one_thread=True)
+        outputs[processes] = {
+            name: (out / name).read_text() for name in ("metrics.json", "predictions.csv", "errors.csv")
+        }
+
+    assert outputs[2] == outputs[1]  # metrics gathered over both processes; rows in case order
+    assert json.loads(outputs[2]["metrics.json"])["volume"]["count"] == 2
 
 
 def test_metadata_follows_the_schema() -> None:
@@ -246,9 +274,16 @@ def _documented_ids() -> set[str]:
 def test_readme_documents_every_config_id() -> None:
     documented = _documented_ids()
     expected = set()
-    for name in ("train.json", "evaluate.json", "multi_gpu_train.json"):
+    for name in (
+        "train.json",
+        "evaluate.json",
+        "multi_gpu_train.json",
+        "multi_gpu_evaluate.json",
+        "inference.json",
+        "multi_gpu_inference.json",
+    ):
         config = json.loads((CONFIGS / name).read_text())
-        expected |= set(config)
+        expected |= {key.removeprefix("+") for key in config}
         for section in ("train", "validate"):
             expected |= {f"{section}#{key}" for key in config.get(section, {})}
 

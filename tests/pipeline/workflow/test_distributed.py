@@ -58,3 +58,25 @@ def test_group_is_joined_once_and_metrics_gather_over_it(one_process_group: bool
 
     assert volume.compute()["volume_acc"] == 1.0
     assert slices.compute()["slice_confusion_matrix"] == [[1, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("cases", [1, 2, 5])
+def test_shards_of_every_rank_hold_each_case_once_and_interleave_back(cases: int) -> None:
+    data = [f"case_{index}" for index in range(cases)]
+    shares = []
+    for rank in range(2):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(distributed, "world_size", lambda: 2)
+            patch.setattr(dist, "get_rank", lambda rank=rank: rank)
+            shares.append([data[index] for index in distributed.shard_sampler(data)])
+
+    assert sorted(shares[0] + shares[1]) == sorted(data)  # none dropped, none repeated
+    assert distributed.interleave(shares) == data  # back in case order
+    with pytest.raises(ValueError, match="not a split"):
+        distributed.interleave([shares[0], shares[1] + ["x", "y"]])  # rank 1 gained two
+
+
+def test_outside_a_group_one_process_holds_everything() -> None:
+    assert distributed.world_size() == 1 and distributed.gather_objects({"a": 1}) == [{"a": 1}]
+    assert list(distributed.shard_sampler(["a", "b"])) == [0, 1]
+    assert distributed.require_cases_per_process(["a"]) == 1
