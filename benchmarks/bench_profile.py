@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                 item, {**overrides, "num_slices": args.num_slices}, args.repeats, bf16=device.type == "cpu"
             )
             numbers["training"] = training_report(results, args.epochs)
+            if args.json:
+                args.json.write_text(json.dumps(numbers, indent=1) + "\n")
         if not args.skip_inference:
             results = profile_inference(item, {**overrides, "cpu_bf16": False}, args.repeats)
             results_bf16 = None

@@ -250,7 +250,11 @@ def profile_training(
         profile.facts.update(slices_in_volume=slices, cache_bytes_per_slice=stored / slices)
 
         def step(
-            profile: Profile | None, batch_preparer: Any, net: torch.nn.Module, optimizer: Any = optimizer
+            profile: Profile | None,
+            batch_preparer: Any,
+            net: torch.nn.Module,
+            optimizer: Any = optimizer,
+            cpu_bf16: bool = False,
         ) -> tuple[int, ...]:
             timer = profile or Profile()
             data = _cache_round_trip(cached, folder, timer)[0]
@@ -261,9 +265,10 @@ def profile_training(
             with timer.stage(NETWORK_INPUT, device):
                 data = network_input(data)
                 inputs, label = batch_preparer(list_data_collate([data]), device)
-            with timer.stage(FORWARD, device):
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
+            with timer.stage(FORWARD, device), autocast:
                 outputs = net(inputs)
-            with timer.stage(LOSS, device):
+            with timer.stage(LOSS, device), autocast:
                 loss = loss_function(outputs, label)
             with timer.stage(BACKWARD, device):
                 optimizer.zero_grad(set_to_none=True)
@@ -284,10 +289,9 @@ def profile_training(
         if before:
             results["before"] = _profile_before(network, optimizer, cached, folder, step, repeats)
         if bf16 and device.type == "cpu":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                bf16_profile = Profile()
-                for _ in range(repeats):
-                    step(bf16_profile, prepare_batch, network)
+            bf16_profile = Profile()
+            for _ in range(repeats):
+                step(bf16_profile, prepare_batch, network, cpu_bf16=True)
             results["bf16"] = bf16_profile
     return results
 
