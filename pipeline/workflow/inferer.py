@@ -29,6 +29,7 @@ of a :class:`~monai.engines.SupervisedEvaluator` (decollated, one dictionary per
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +39,7 @@ from monai.transforms import Activationsd, Compose, CopyItemsd, FlattenSubKeysd
 from torch import nn
 
 from networks.grad_cam import POOLED_LAYER, attention_and_pooled_grad_cam
+from pipeline.workflow.precision import cpu_has_native_bf16
 
 __all__ = ["SliceAttentionInferer", "attention_postprocessing", "unwrap_network"]
 
@@ -84,6 +86,12 @@ class SliceAttentionInferer(Inferer):
         self.slice_chunk = slice_chunk
         self.grad_cam_layer = grad_cam_layer
         self.cpu_bf16 = bool(cpu_bf16)
+        if self.cpu_bf16 and not cpu_has_native_bf16():
+            warnings.warn(
+                "cpu_bf16: this CPU has no native bfloat16 arithmetic (AVX-512 BF16 or AMX); "
+                "bfloat16 autocast will be emulated, slower than float32",
+                stacklevel=2,
+            )
         self.logits_key = logits_key
         self.attention_key = attention_key
         self.cam_key = cam_key

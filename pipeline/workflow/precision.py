@@ -1,9 +1,10 @@
-"""Which reduced precision a machine runs fast: the bundle's default for ``cpu_bf16``.
+"""Whether a CPU computes in bfloat16 natively, for the bundle's ``cpu_bf16`` option.
 
-On CPUs with native bfloat16 arithmetic (AVX-512 BF16 or AMX, Intel Xeon from Cooper Lake and
-Sapphire Rapids, AMD Zen 4 and later) oneDNN convolves in bfloat16 at about twice the float32
-rate; elsewhere bfloat16 is emulated and slower than float32. The bundle turns CPU autocast on
-where it is native (``benchmarks/bench_profile.py`` measures both, README "Speed").
+On CPUs with native bfloat16 arithmetic (AVX-512 BF16 or AMX: Intel Xeon from Cooper Lake and
+Sapphire Rapids, AMD Zen 4 and later) oneDNN convolves in bfloat16 faster than in float32;
+elsewhere bfloat16 is emulated and slower. ``cpu_bf16`` is off by default, since it moves
+P(COVID-19) by a few hundredths (``benchmarks/bench_precision.py``, README "Speed"); asked for
+on a CPU without native bfloat16 it warns.
 """
 
 from __future__ import annotations
