@@ -102,7 +102,7 @@ def training_report(results: dict, epochs: int) -> dict[str, float]:
         numbers["before_every_epoch_s"] = _sum(before, every_epoch)
         numbers["before_cache_mb_per_slice"] = before.facts["cache_bytes_per_slice"] / 1e6
         rows.append(
-            ("before: every epoch (MetaTensor, contiguous, float32 cache)", numbers["before_every_epoch_s"])
+            ("before: every epoch (MetaTensor, contiguous, for-each Adam)", numbers["before_every_epoch_s"])
         )
     if "bf16" in results:
         bf16 = results["bf16"]
