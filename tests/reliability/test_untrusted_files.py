@@ -208,7 +208,7 @@ def _assert_one_line_naming(error: BaseException, path: Path, model: str) -> Non
     assert "\n" not in message and len(message) < 500, message
     assert message.startswith(f"{path}: ")
     assert model in message
-    assert "image (MetaTensor 2x32x32x8 float32)" in message and "a data item" in message
+    assert "image (MetaTensor 2x32x32x8 float16)" in message and "a data item" in message  # compact cache
 
 
 def test_every_loader_refuses_a_cached_data_item_in_one_line(cached_item: Path) -> None:
