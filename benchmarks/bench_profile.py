@@ -135,7 +135,13 @@ def inference_report(results: dict, results_bf16: dict | None) -> dict[str, floa
     without = _sum(bundle, common) + bundle.seconds(p.SCORING)
     with_maps = _sum(bundle, common) + bundle.seconds(p.SCORING_WITH_CAM) + bundle.seconds(p.HEATMAP_FILES)
     numbers = {"without_heatmaps_s": without, "with_heatmaps_s": with_maps}
-    rows = [("without heatmaps", without), ("with heatmaps", with_maps)]
+    rows = [("without heatmaps", without), ("with heatmaps, every slice called", with_maps)]
+    if p.LESION_HEATMAP_FILES in bundle.wall:
+        lesion = (
+            _sum(bundle, common) + bundle.seconds(p.SCORING_WITH_CAM) + bundle.seconds(p.LESION_HEATMAP_FILES)
+        )
+        numbers["with_heatmaps_lesion_slices_s"] = lesion
+        rows.append(("with heatmaps, the lesion's slices called", lesion))
     if "before" in results:
         before = _sum(bundle, common) + bundle.seconds(p.SCORING) + results["before"].seconds(p.HEATMAP_FILES)
         numbers["before_with_heatmaps_s"] = before

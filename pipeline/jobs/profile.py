@@ -69,6 +69,7 @@ OPTIMISER = "optimiser step"
 SCORING = "scoring pass"
 SCORING_WITH_CAM = "scoring pass with Grad-CAM"
 HEATMAP_FILES = "heatmap files (NIfTI + PNG per positive slice)"
+LESION_HEATMAP_FILES = "heatmap files, lesion slices called"
 ATTENTION_FILES = "attention files (CSV + PNG)"
 
 PREPROCESSING_STAGES = (READING, LUNG_MASK, WINDOW, RESIZE, COMPACT)
@@ -91,9 +92,11 @@ INFERENCE_STAGES = (
     SCORING,
     SCORING_WITH_CAM,
     HEATMAP_FILES,
+    LESION_HEATMAP_FILES,
     ATTENTION_FILES,
 )
-"""Stages of a batch-inference volume, in the order they run."""
+"""Stages of a batch-inference volume, in the order they run (the heatmap files once with every
+slice called, once with the labelled lesion slices called, as a correct rule calls them)."""
 
 _STAGE_OF_TRANSFORM = {
     "LungMaskd": LUNG_MASK,
@@ -341,6 +344,8 @@ def profile_inference(
 
     The network keeps its random weights (no checkpoint is read); the slice rule is set so that
     every slice is called (``slice_tau 0``, thresholds 0), the heaviest case for the heatmaps.
+    The heatmap files are also timed with only the item's labelled lesion slices called (when
+    it has ``slice_labels``), as on a positive scan whose rule calls the diseased slices.
 
     Args:
         item: one case (``image`` path).
@@ -400,6 +405,10 @@ def profile_inference(
             indices = data["slice_indices"]
             with timer.stage(HEATMAP_FILES, device):
                 heatmaps(case_dir, data["image"], slice_pred, indices, "case", result["cam"])
+            if "slice_labels" in data:
+                lesion_slices = torch.as_tensor(data["slice_labels"]).reshape(-1).long()
+                with timer.stage(LESION_HEATMAP_FILES, device):
+                    heatmaps(case_dir, data["image"], lesion_slices, indices, "case", result["cam"])
             with timer.stage(ATTENTION_FILES):
                 saver.save_case({**data, "case_id": "case"}, result)
             if before:

@@ -44,7 +44,7 @@ def test_training_profile_times_every_stage_and_the_compact_cache(item: dict) ->
 
 
 def test_inference_profile_writes_heatmaps_from_the_scoring_pass(item: dict) -> None:
-    results = p.profile_inference({"image": item["image"]}, SMALL, repeats=1)
+    results = p.profile_inference(item, SMALL, repeats=1)
 
     bundle = results["bundle"]
     assert set(p.INFERENCE_STAGES) <= set(bundle.wall)
