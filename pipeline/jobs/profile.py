@@ -134,18 +134,6 @@ class Profile:
         self.wall.setdefault(name, []).append(time.perf_counter() - wall)
         self.cpu.setdefault(name, []).append(time.process_time() - cpu)
 
-    def add(self, other: Profile, name: str, as_name: str | None = None) -> None:
-        """Add repeat ``k`` of ``other``'s stage ``name`` to this profile's repeat ``k`` of it."""
-        mine_wall = self.wall.setdefault(as_name or name, [])
-        mine_cpu = self.cpu.setdefault(as_name or name, [])
-        for k, (wall, cpu) in enumerate(zip(other.wall.get(name, []), other.cpu.get(name, []))):
-            if k < len(mine_wall):
-                mine_wall[k] += wall
-                mine_cpu[k] += cpu
-            else:
-                mine_wall.append(wall)
-                mine_cpu.append(cpu)
-
     def seconds(self, name: str, cpu: bool = False) -> float:
         """Median seconds of a stage over its repeats (0 when it never ran)."""
         values = (self.cpu if cpu else self.wall).get(name, [])
