@@ -1,7 +1,7 @@
 """Batch inference throughput at the paper's size: cases per hour, one process against two.
 
 A few 512 x 512 x S volumes are made from the real chest CT (half with inserted lesions,
-:func:`pipeline.data.real_scan_volumes.make_base_volume`); ``inference.json`` then scores the
+:func:`pipeline.synthetic.real_scan_volumes.make_base_volume`); ``inference.json`` then scores the
 folder at its defaults (resize 256, crop 224, every slice, ``slice_attention.png`` per case),
 without heatmaps (``save_heatmaps False``, the setting for large batches), with an untrained
 network of full size (speed does not depend on the weights): once in one process using every
@@ -34,9 +34,9 @@ INFERENCE = str(CONFIGS / "inference.json")
 
 def make_cases(folder: Path, base_ct: str | os.PathLike, cases: int, slices: int) -> None:
     """Write ``cases`` volumes of 512 x 512 x ``slices`` made from ``base_ct`` into ``folder``."""
-    from pipeline.data.demo_data import write_nifti
-    from pipeline.data.real_scan_volumes import load_base_scan, make_base_volume
+    from pipeline.data.nifti_files import write_nifti
     from pipeline.jobs.paper_scale import PAPER_SIZE
+    from pipeline.synthetic.real_scan_volumes import load_base_scan, make_base_volume
 
     base = load_base_scan(base_ct, size=PAPER_SIZE, slices=slices)
     for index in range(cases):
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from networks import ResNextPlus
-    from pipeline.data.base_ct import resolve_base_ct
+    from pipeline.synthetic.base_ct import resolve_base_ct
 
     base_ct = resolve_base_ct(args.base_ct)
     if base_ct is None:

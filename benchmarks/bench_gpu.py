@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from bench_profile import inference_report, real_size_item, training_report  # beside this script
 
-    from pipeline.data.base_ct import resolve_base_ct
     from pipeline.jobs.profile import profile_inference, profile_training
+    from pipeline.synthetic.base_ct import resolve_base_ct
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

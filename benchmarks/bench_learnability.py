@@ -29,9 +29,9 @@ from monai.transforms import Compose
 from torch import Tensor, nn
 
 from networks import ResNextPlus
-from pipeline.data.base_ct import resolve_base_ct
 from pipeline.data.datalist import load_datalist
 from pipeline.jobs.demo import DEFAULT, make_demo_datalist
+from pipeline.synthetic.base_ct import resolve_base_ct
 from pipeline.workflow.preprocessing import evaluation_transforms
 
 

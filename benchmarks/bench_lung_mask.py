@@ -30,7 +30,7 @@ from scipy import ndimage
 from skimage.morphology import convex_hull_image
 from skimage.segmentation import clear_border
 
-from pipeline.data.base_ct import cached_base_ct
+from pipeline.synthetic.base_ct import cached_base_ct
 from transforms import LungMask, NoLungFoundError, segment_lungs
 
 DEFAULT_SERIES = cached_base_ct()

@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     import torch
 
-    from pipeline.data.base_ct import resolve_base_ct
     from pipeline.jobs.paper_scale import PAPER_SIZE, write_paper_scale_data
+    from pipeline.synthetic.base_ct import resolve_base_ct
 
     base_ct = resolve_base_ct(args.base_ct)
     if base_ct is None:

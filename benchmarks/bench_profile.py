@@ -162,8 +162,8 @@ def inference_report(results: dict, results_bf16: dict | None) -> dict[str, floa
 
 def real_size_item(base_ct: str, folder: Path, slices: int, size: int) -> dict[str, Any]:
     """A positive ``size`` x ``size`` x ``slices`` volume made from the real CT, as a data-list item."""
-    from pipeline.data.base_ct import resolve_base_ct
     from pipeline.jobs.paper_scale import write_paper_scale_data
+    from pipeline.synthetic.base_ct import resolve_base_ct
 
     resolved = resolve_base_ct(base_ct)
     if resolved is None:

@@ -26,7 +26,7 @@ import numpy as np
 from skimage.transform import resize
 from stochastic_baseline import baseline_layers  # the sibling module: run as a script from anywhere
 
-from pipeline.data.base_ct import cached_base_ct
+from pipeline.synthetic.base_ct import cached_base_ct
 from transforms import StochasticEnhance
 from transforms import _stochastic_kernels as kernels
 from transforms.stochastic_enhance import sobel_magnitude

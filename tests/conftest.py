@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.base_ct import BASE_CT_SERIES, CACHE_ENV
+from pipeline.synthetic.base_ct import BASE_CT_SERIES, CACHE_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "bundles" / "covid19_ct_resnextplus"
@@ -35,7 +35,7 @@ def real_ct_dir() -> Path:
 
 
 TINY_DEMO = {"n_positive": 4, "n_negative": 4, "size": 64, "slices": 8, "seed": 0}
-"""Arguments of :func:`pipeline.data.demo_data.make_demo_data` behind the ``tiny_demo_dataset`` fixture."""
+"""Arguments of :func:`pipeline.synthetic.demo_data.make_demo_data` behind ``tiny_demo_dataset``."""
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def tiny_demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Written once per test session: 4 positive and 4 negative phantoms, seed 0, split 2 / 1 / 1
     per class into training, validation and test. Tests must not modify it.
     """
-    from pipeline.data.demo_data import make_demo_data
+    from pipeline.synthetic.demo_data import make_demo_data
 
     out_dir = tmp_path_factory.mktemp("tiny_demo_dataset")
     make_demo_data(out_dir, **TINY_DEMO)

@@ -1,4 +1,5 @@
-"""The packages import one way: jobs -> export -> workflow -> data -> {transforms, networks}.
+"""The packages import one way: jobs -> export -> workflow -> data -> {transforms, networks};
+the demo's data makers (``pipeline.synthetic``) sit on ``data`` and only ``jobs`` imports them.
 
 Every ``import`` and ``from ... import`` statement of the project's source is read with
 :mod:`ast`, including those inside functions, so a deferred import cannot go back up either.
@@ -12,8 +13,19 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_LAYERS = ("data", "workflow", "export", "jobs")
-"""The subpackages of ``pipeline``, lowest first: each may import those before it, not after."""
+PIPELINE_LAYERS = ("data", "synthetic", "workflow", "export", "jobs")
+"""The subpackages of ``pipeline``."""
+ALLOWED_IMPORTS = {
+    "transforms": {"transforms"},
+    "networks": {"networks"},
+    "pipeline.data": {"transforms", "networks", "pipeline.data"},
+    "pipeline.synthetic": {"transforms", "networks", "pipeline.data", "pipeline.synthetic"},
+    "pipeline.workflow": {"transforms", "networks", "pipeline.data", "pipeline.workflow"},
+    "pipeline.export": {"transforms", "networks", "pipeline.data", "pipeline.workflow", "pipeline.export"},
+    "pipeline.jobs": {"transforms", "networks", *(f"pipeline.{name}" for name in PIPELINE_LAYERS)},
+}
+"""What each layer may import: ``jobs -> export -> workflow -> data``, and the demo's data makers
+(``synthetic``) beside them, on top of ``data``, imported by ``jobs`` alone."""
 
 
 def imported_modules(path: Path, root: Path = REPO_ROOT) -> set[str]:
@@ -44,14 +56,6 @@ def layer_of(module: str) -> str | None:
     return None
 
 
-def allowed_layers(layer: str) -> set[str]:
-    """The layers that code of ``layer`` may import (its own included)."""
-    if layer in ("transforms", "networks"):
-        return {layer}
-    rank = PIPELINE_LAYERS.index(layer.split(".")[1])
-    return {"transforms", "networks", *(f"pipeline.{name}" for name in PIPELINE_LAYERS[: rank + 1])}
-
-
 def source_files() -> list[Path]:
     return sorted(
         path
@@ -70,7 +74,7 @@ def test_no_module_imports_upward(path: Path) -> None:
     upward = sorted(
         name
         for name in imported_modules(path)
-        if (target := layer_of(name)) and target not in allowed_layers(layer)
+        if (target := layer_of(name)) and target not in ALLOWED_IMPORTS[layer]
     )
     assert not upward, f"{path} ({layer}) imports upward or sideways: {', '.join(upward)}"
 
@@ -85,5 +89,10 @@ def test_the_rule_catches_upward_imports_deferred_and_relative(tmp_path: Path) -
     module.parent.mkdir(parents=True)
     module.write_text("def f():\n    from ..export import report\n    import pipeline.jobs.cli\n")
     imported = imported_modules(module, tmp_path)
-    upward = {name for name in imported if layer_of(name) not in allowed_layers("pipeline.data")}
+    upward = {name for name in imported if layer_of(name) not in ALLOWED_IMPORTS["pipeline.data"]}
     assert upward == {"pipeline.export", "pipeline.export.report", "pipeline.jobs.cli"}
+
+
+def test_only_jobs_import_the_synthetic_data_makers() -> None:
+    importers = {layer for layer, allowed in ALLOWED_IMPORTS.items() if "pipeline.synthetic" in allowed}
+    assert importers == {"pipeline.synthetic", "pipeline.jobs"}

@@ -448,7 +448,7 @@ def split_patients(
 ) -> dict[str, dict[int, list[int]]]:
     """Patient indices of each class for training, validation and test, as well as the counts allow.
 
-    The cut is that of :func:`pipeline.data.demo_data.split_volumes` whenever that one can fill
+    The cut is that of :func:`pipeline.synthetic.demo_data.split_volumes` whenever that one can fill
     every split (the same seed gives the same split); with fewer patients, training is filled
     first, then test, then validation.
 

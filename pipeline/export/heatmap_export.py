@@ -17,34 +17,22 @@ given one (bundle option ``save_heatmaps``).
 
 from __future__ import annotations
 
-import gzip
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data.atomic_files import atomic_write_bytes
+from pipeline.data.nifti_files import write_nifti
 from pipeline.export.figures import plot_heatmap_slices
 from pipeline.workflow.heatmaps import DEFAULT_TARGET_LAYER, to_input_grid, volume_heatmap
 
-__all__ = ["HEATMAP_NIFTI", "HEATMAP_PNG", "SliceHeatmapWriter", "write_nifti"]
+__all__ = ["HEATMAP_NIFTI", "HEATMAP_PNG", "SliceHeatmapWriter"]
 
 HEATMAP_NIFTI = "heatmap.nii.gz"
 HEATMAP_PNG = "heatmap_slice_{index}.png"
-
-
-def write_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np.ndarray) -> Path:
-    """Write ``volume`` as a float32 NIfTI file (gzip-compressed for ``.gz``) with ``affine``, atomically."""
-    image = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    image.header.set_xyzt_units("mm")
-    data = image.to_bytes()
-    if str(path).endswith(".gz"):
-        data = gzip.compress(data, compresslevel=6)
-    return atomic_write_bytes(path, data)
 
 
 class SliceHeatmapWriter:

@@ -50,7 +50,6 @@ from typing import Any
 import torch
 
 from pipeline.data.atomic_files import atomic_write_text
-from pipeline.data.base_ct import AUTO_BASE_CT, resolve_base_ct
 from pipeline.export.results_tables import (
     ABLATION_COLUMNS,
     ENHANCEMENT_COLUMNS,
@@ -68,6 +67,7 @@ from pipeline.jobs.demo import (
     make_demo_datalist,
     run_bundle,
 )
+from pipeline.synthetic.base_ct import AUTO_BASE_CT, resolve_base_ct
 
 __all__ = [
     "BUDGETS",
@@ -481,7 +481,7 @@ def run_accuracy_benchmark(
         seeds: trainings of every run, with training seeds ``seed .. seed + seeds - 1`` on the
             same data; the tables show their mean and standard deviation.
         base_ct: the real chest CT to insert lesions into; by default the series in the cache
-            (:func:`pipeline.data.base_ct.resolve_base_ct`); phantoms only when ``None`` or missing.
+            (:func:`pipeline.synthetic.base_ct.resolve_base_ct`); phantoms only when ``None`` or missing.
         runs: the runs to make (all six by default); the tables show those made.
         command: the command line recorded in ``results.md``.
         on_run: called with a run's name before it starts (result ``None``) and when it is done;

@@ -8,11 +8,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.data.base_ct import AUTO_BASE_CT, CACHE_ENV
+from pipeline.synthetic.base_ct import AUTO_BASE_CT, CACHE_ENV
 
 
 def _make_demo_data(args: argparse.Namespace) -> int:
-    from pipeline.data.demo_data import make_demo_data
+    from pipeline.synthetic.demo_data import make_demo_data
 
     make_demo_data(
         args.out_dir,
@@ -97,14 +97,14 @@ def _add_base_ct_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _base_ct(args: argparse.Namespace) -> Path | None:
     """The real CT chosen by :func:`_add_base_ct_arguments`' options (``None``: phantoms only)."""
-    from pipeline.data.base_ct import resolve_base_ct
+    from pipeline.synthetic.base_ct import resolve_base_ct
 
     return None if args.phantoms_only else resolve_base_ct(args.base_ct)
 
 
 def _fetch_or_say_why(cache: Path | None, then: str = "") -> Path | None:
     """Fetch the base CT into ``cache``; on failure print one line (ending in ``then``), return ``None``."""
-    from pipeline.data.base_ct import BaseCTChecksumError, BaseCTDownloadError, fetch_base_ct
+    from pipeline.synthetic.base_ct import BaseCTChecksumError, BaseCTDownloadError, fetch_base_ct
 
     try:
         return fetch_base_ct(cache)
@@ -114,7 +114,7 @@ def _fetch_or_say_why(cache: Path | None, then: str = "") -> Path | None:
 
 
 def _fetch_base_ct(args: argparse.Namespace) -> int:
-    from pipeline.data.base_ct import BASE_CT_SERIES
+    from pipeline.synthetic.base_ct import BASE_CT_SERIES
 
     print(f"fetching {BASE_CT_SERIES.collection} {BASE_CT_SERIES.patient_id} ({BASE_CT_SERIES.citation})")
     folder = _fetch_or_say_why(args.cache)

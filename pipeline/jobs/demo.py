@@ -5,7 +5,7 @@ overrides, in this process (MONAI's ``ConfigWorkflow``):
 
 1. data: demo volumes with exact slice labels, half built from the real chest CT fetched by
    ``python -m pipeline fetch-base-ct`` (lesions inserted into its lungs) when it is in the
-   cache (:mod:`pipeline.data.base_ct`), half synthetic phantoms; one merged ``datalist.json``;
+   cache (:mod:`pipeline.synthetic.base_ct`), half synthetic phantoms; one merged ``datalist.json``;
 2. training: ``configs/train.json`` (best model by validation ROC AUC);
 3. evaluation: ``configs/train.json`` + ``configs/evaluate.json`` on the test split
    (``metrics.json``, volume and slice level);
@@ -38,11 +38,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.data.atomic_files import atomic_write_text
-from pipeline.data.base_ct import AUTO_BASE_CT, resolve_base_ct
 from pipeline.export.attention_export import ERRORS_FILE, PREDICTIONS_FILE
 from pipeline.export.figures import plot_precision_recall, plot_reliability, plot_roc, plot_training_curves
 from pipeline.export.heatmap_export import HEATMAP_PNG
 from pipeline.export.report import AttentionExample, Report
+from pipeline.synthetic.base_ct import AUTO_BASE_CT, resolve_base_ct
 
 __all__ = [
     "BUNDLE_DIR",
@@ -170,7 +170,7 @@ def make_demo_datalist(
     Returns:
         The merged datalist's path and the number of volumes per source.
     """
-    from pipeline.data.demo_data import make_demo_data
+    from pipeline.synthetic.demo_data import make_demo_data
 
     data_dir = Path(data_dir)
     sources: dict[str, tuple[int, int, Path | None]] = {}
@@ -636,7 +636,7 @@ def run_demo(
         out_dir: the run's folder (created; earlier results in it are replaced).
         settings: the sizes of the run (:data:`DEFAULT`, :data:`QUICK`, or your own).
         base_ct: the real chest CT to build realistic volumes from; by default the series
-            fetched into the cache (:func:`pipeline.data.base_ct.resolve_base_ct`); phantoms
+            fetched into the cache (:func:`pipeline.synthetic.base_ct.resolve_base_ct`); phantoms
             only when it is ``None`` or missing.
         progress: show progress bars.
         command: the command line recorded in the report.

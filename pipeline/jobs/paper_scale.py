@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.atomic_files import atomic_write_text
-from pipeline.data.demo_data import write_nifti
-from pipeline.data.real_scan_volumes import load_base_scan, make_base_volume
+from pipeline.data.nifti_files import write_nifti
 from pipeline.jobs.demo import BUNDLE_DIR, run_bundle
+from pipeline.synthetic.real_scan_volumes import load_base_scan, make_base_volume
 
 __all__ = ["PAPER_SIZE", "run_paper_scale_epoch", "write_paper_scale_data"]
 

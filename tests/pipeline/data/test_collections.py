@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.data.collections import CollectionError, make_datalist, slice_labels_from_mask
 from pipeline.data.datalist import load_datalist
-from pipeline.data.demo_data import write_nifti
+from pipeline.data.nifti_files import write_nifti
 from pipeline.jobs.cli import main
 from tests.pipeline.data.test_cases import write_dicom_series
 

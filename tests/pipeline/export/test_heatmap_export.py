@@ -9,7 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.export.heatmap_export import HEATMAP_NIFTI, write_nifti
+from pipeline.data.nifti_files import write_nifti
+from pipeline.export.heatmap_export import HEATMAP_NIFTI
 from pipeline.jobs.demo import run_bundle
 from tests.conftest import BUNDLE_DIR
 from tests.pipeline.workflow.test_heatmaps import oblique_flipped_copy, positive_test_case

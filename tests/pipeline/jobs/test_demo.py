@@ -145,8 +145,8 @@ def test_report_reads_a_chance_level_auc_as_not_learned() -> None:
 
 
 def test_demo_fetch_without_network_says_so_and_goes_on_with_phantoms(tmp_path, monkeypatch, capsys):
-    import pipeline.data.base_ct as base_ct
     import pipeline.jobs.demo as demo
+    import pipeline.synthetic.base_ct as base_ct
 
     monkeypatch.setattr(base_ct, "NBIA_IMAGE_URL", (tmp_path / "offline" / "{uid}.zip").as_uri())
     monkeypatch.setenv(base_ct.CACHE_ENV, str(tmp_path / "cache"))

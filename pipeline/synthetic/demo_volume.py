@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.lesions import slice_labels
+from pipeline.synthetic.lesions import slice_labels
 
 __all__ = ["HU_RANGE", "DemoVolume", "to_int16", "volume_streams"]
 
@@ -27,7 +27,7 @@ class DemoVolume:
         affine: 4 x 4 voxel-to-world matrix in RAS, as MONAI and NIfTI use it.
         lesions: (H, W, D) bool lesion voxels (all False for a negative).
         lungs: (H, W, D) bool lung mask the lesions were confined to.
-        tissue: (H, W, D) uint8 :class:`pipeline.data.phantom.Tissue` labels (phantoms only).
+        tissue: (H, W, D) uint8 :class:`pipeline.synthetic.phantom.Tissue` labels (phantoms only).
         label: 1 for a volume made with lesions, else 0.
     """
 

@@ -13,18 +13,19 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 from scipy import ndimage
 
-from pipeline.data import demo_data
-from pipeline.data.demo_data import (
+from pipeline.data.nifti_files import write_nifti
+from pipeline.jobs.cli import main
+from pipeline.synthetic import demo_data
+from pipeline.synthetic.demo_data import (
     DATALIST_NAME,
     load_base_scan,
     make_base_volume,
     make_demo_data,
     make_phantom_volume,
     split_volumes,
-    write_nifti,
 )
-from pipeline.data.lesions import LesionSettings, draw_extent, insert_lesions, slice_labels
-from pipeline.data.phantom import (
+from pipeline.synthetic.lesions import LesionSettings, draw_extent, insert_lesions, slice_labels
+from pipeline.synthetic.phantom import (
     PHANTOM_FOV_MM,
     TISSUE_HU_RANGES,
     Tissue,
@@ -32,7 +33,6 @@ from pipeline.data.phantom import (
     make_chest_phantom,
     phantom_spacing,
 )
-from pipeline.jobs.cli import main
 from tests.conftest import TINY_DEMO
 from transforms import LungMask
 

@@ -2,7 +2,7 @@
 
 Each volume is the scan resampled to the requested grid over its lung range, with a random
 left-right flip, shift, crop, z-window and extra noise; a positive volume then gets lesions
-(:mod:`pipeline.data.lesions`) inside the scan's lungs. A positive volume and its lesion-free twin
+(:mod:`pipeline.synthetic.lesions`) inside the scan's lungs. A positive volume and its lesion-free twin
 (``with_lesions=False``) share augmentation and noise.
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 from monai.transforms import LoadImage, Orientation
 from scipy import ndimage
 
-from pipeline.data.demo_volume import HU_RANGE, DemoVolume, to_int16, volume_streams
-from pipeline.data.lesions import LesionSettings, insert_lesions
-from pipeline.data.phantom import add_scanner_noise
+from pipeline.synthetic.demo_volume import HU_RANGE, DemoVolume, to_int16, volume_streams
+from pipeline.synthetic.lesions import LesionSettings, insert_lesions
+from pipeline.synthetic.phantom import add_scanner_noise
 from transforms.lung_mask import segment_lungs
 from transforms.validation import InvalidVolumeError, check_hu
 
@@ -178,7 +178,7 @@ def make_base_volume(
         index: number of the volume within its class.
         seed: seed of the whole data set.
         with_lesions: ``False`` gives a positive's lesion-free twin.
-        lesion_settings: lesion parameters (defaults: :class:`pipeline.data.lesions.LesionSettings`).
+        lesion_settings: lesion parameters (defaults: :class:`pipeline.synthetic.lesions.LesionSettings`).
 
     Returns:
         The volume with its lesion and lung masks (no tissue labels).

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.data.base_ct as base_ct_module
-from pipeline.data.base_ct import (
+import pipeline.synthetic.base_ct as base_ct_module
+from pipeline.jobs.cli import main
+from pipeline.synthetic.base_ct import (
     AUTO_BASE_CT,
     BASE_CT_SERIES,
     CACHE_ENV,
@@ -21,7 +22,6 @@ from pipeline.data.base_ct import (
     resolve_base_ct,
     series_sha256,
 )
-from pipeline.jobs.cli import main
 from tests.pipeline.data.test_cases import write_dicom_series
 
 SERIES_UID = "1.2.826.0.1.3680043.2.1125.7.2"

@@ -2,12 +2,12 @@
 
 Two sources of volumes:
 
-* synthetic chest phantoms (:mod:`pipeline.data.phantom`) with scanner noise;
-* a real CT scan (``base_ct``, :mod:`pipeline.data.real_scan_volumes`): each volume is the scan
+* synthetic chest phantoms (:mod:`pipeline.synthetic.phantom`) with scanner noise;
+* a real CT scan (``base_ct``, :mod:`pipeline.synthetic.real_scan_volumes`): each volume is the scan
   resampled to the requested grid over its lung range, with random left-right flip, shift,
   crop, z-window and extra noise.
 
-Positive volumes get lesions (:mod:`pipeline.data.lesions`) inside the lungs; ``slice_labels[k]`` is 1
+Positive volumes get lesions (:mod:`pipeline.synthetic.lesions`) inside the lungs; ``slice_labels[k]`` is 1
 exactly when slice ``k`` holds a lesion voxel. Volumes are NIfTI files in HU (int16) whose
 affine MONAI's ``LoadImage(reader="ITKReader")`` reads back unchanged: axes run to the
 patient's left, back and head (LPS), axial slices last.
@@ -19,20 +19,25 @@ lesion-free twin (``with_lesions=False``) share anatomy, augmentation and noise.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from pipeline.data.atomic_files import atomic_write_bytes
-from pipeline.data.demo_volume import DemoVolume, to_int16, volume_streams
-from pipeline.data.lesions import LesionSettings, insert_lesions
-from pipeline.data.phantom import PHANTOM_Z_FOV_MM, add_scanner_noise, make_chest_phantom, phantom_spacing
-from pipeline.data.real_scan_volumes import BaseScan, load_base_scan, make_base_volume
+from pipeline.data.collections import split_patients
+from pipeline.data.nifti_files import write_nifti
+from pipeline.synthetic.demo_volume import DemoVolume, to_int16, volume_streams
+from pipeline.synthetic.lesions import LesionSettings, insert_lesions
+from pipeline.synthetic.phantom import (
+    PHANTOM_Z_FOV_MM,
+    add_scanner_noise,
+    make_chest_phantom,
+    phantom_spacing,
+)
+from pipeline.synthetic.real_scan_volumes import BaseScan, load_base_scan, make_base_volume
 
 __all__ = [
     "DATALIST_NAME",
@@ -43,7 +48,6 @@ __all__ = [
     "make_demo_data",
     "make_phantom_volume",
     "split_volumes",
-    "write_nifti",
 ]
 
 DATALIST_NAME = "datalist.json"
@@ -75,11 +79,11 @@ def make_phantom_volume(
     Args:
         label: 1 for a positive (with lesions), 0 for a negative.
         index: number of the volume within its class.
-        size: in-plane size in pixels (field of view :data:`pipeline.data.phantom.PHANTOM_FOV_MM`).
+        size: in-plane size in pixels (field of view :data:`pipeline.synthetic.phantom.PHANTOM_FOV_MM`).
         slices: number of axial slices.
         seed: seed of the whole data set.
         with_lesions: ``False`` gives a positive's lesion-free twin (same anatomy and noise).
-        lesion_settings: lesion parameters (defaults: :class:`pipeline.data.lesions.LesionSettings`).
+        lesion_settings: lesion parameters (defaults: :class:`pipeline.synthetic.lesions.LesionSettings`).
 
     Returns:
         The volume, its lesion and lung masks and its tissue labels.
@@ -99,32 +103,6 @@ def make_phantom_volume(
         tissue=phantom.tissue,
         label=int(label),
     )
-
-
-def write_nifti(path: str | os.PathLike, hu: np.ndarray, affine: np.ndarray) -> Path:
-    """Write an int16 HU volume as ``.nii.gz``, atomically and byte-for-byte reproducibly.
-
-    Both the qform and the sform hold ``affine`` (RAS, as NIfTI defines it) with units of mm,
-    so that nibabel and ITK read the same geometry. The gzip stream carries no time stamp or
-    file name.
-
-    Args:
-        path: target file, ending in ``.nii.gz``.
-        hu: (H, W, D) int16 volume.
-        affine: 4 x 4 voxel-to-RAS matrix.
-
-    Returns:
-        The path written.
-    """
-    path = Path(path)
-    if not path.name.endswith(".nii.gz"):
-        raise ValueError(f"{path}: expected a .nii.gz file name")
-    image = nib.Nifti1Image(np.asarray(hu, dtype=np.int16), np.asarray(affine, dtype=np.float64))
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    atomic_write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
-    return path
 
 
 def split_volumes(
@@ -152,9 +130,7 @@ def split_volumes(
             f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must lie in (0, 1) "
             "and sum to less than 1"
         )
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
-    splits: dict[str, dict[int, list[int]]] = {"training": {}, "validation": {}, "test": {}}
-    for label, count, name in ((1, n_positive, "positive"), (0, n_negative, "negative")):
+    for count, name in ((n_positive, "positive"), (n_negative, "negative")):
         n_val = max(1, round(val_fraction * count))
         n_test = max(1, round(test_fraction * count))
         n_train = count - n_val - n_test
@@ -164,11 +140,7 @@ def split_volumes(
                 f"({n_val} validation and {n_test} test {unit} leave {n_train} for training): "
                 f"make at least {n_val + n_test + 1}"
             )
-        order = rng.permutation(count)
-        splits["validation"][label] = sorted(order[:n_val].tolist())
-        splits["test"][label] = sorted(order[n_val : n_val + n_test].tolist())
-        splits["training"][label] = sorted(order[n_val + n_test :].tolist())
-    return splits
+    return split_patients(n_positive, n_negative, val_fraction, test_fraction, seed)
 
 
 def _image_name(label: int, index: int) -> str:
@@ -206,7 +178,7 @@ def make_demo_data(
             for this ``size`` and ``slices``.
         val_fraction: fraction of each class in the validation split.
         test_fraction: fraction of each class in the test split.
-        lesion_settings: lesion parameters (defaults: :class:`pipeline.data.lesions.LesionSettings`).
+        lesion_settings: lesion parameters (defaults: :class:`pipeline.synthetic.lesions.LesionSettings`).
 
     Returns:
         The path of ``datalist.json``.
