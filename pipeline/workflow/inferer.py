@@ -41,7 +41,7 @@ from torch import nn
 from networks.grad_cam import POOLED_LAYER, attention_and_pooled_grad_cam
 from pipeline.workflow.precision import cpu_has_native_bf16
 
-__all__ = ["SliceAttentionInferer", "attention_postprocessing", "unwrap_network"]
+__all__ = ["CpuBFloat16Inferer", "SliceAttentionInferer", "attention_postprocessing", "unwrap_network"]
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -123,6 +123,35 @@ class SliceAttentionInferer(Inferer):
                 return {self.logits_key: logits, self.attention_key: attention, self.cam_key: cams}
             logits, attention = forward(inputs, *args, **kwargs)
         return {self.logits_key: logits, self.attention_key: attention}
+
+
+class CpuBFloat16Inferer(Inferer):
+    """``network(inputs)``, on a CPU under ``torch.autocast("cpu", dtype=torch.bfloat16)`` when enabled.
+
+    The training counterpart of :class:`SliceAttentionInferer`'s ``cpu_bf16``: the weights and
+    the optimiser stay float32, the convolutions run in bfloat16 (about 1.5x faster for a
+    training step on CPUs with AMX), and ResNext+'s slice head stays float32. On CUDA, or when
+    disabled, it is MONAI's ``SimpleInferer``; on CUDA the engines' ``amp`` sets the precision.
+
+    Args:
+        enabled: use bfloat16 autocast on a CPU.
+    """
+
+    def __init__(self, enabled: bool = False) -> None:
+        super().__init__()
+        self.enabled = bool(enabled)
+        if self.enabled and not cpu_has_native_bf16():
+            warnings.warn(
+                "bfloat16 training on a CPU without native bfloat16 arithmetic (AVX-512 BF16 or AMX) "
+                "is emulated, slower than float32",
+                stacklevel=2,
+            )
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Run ``network(inputs, *args, **kwargs)``."""
+        enabled = self.enabled and inputs.device.type == "cpu"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            return network(inputs, *args, **kwargs)
 
 
 @contextlib.contextmanager
