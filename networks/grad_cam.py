@@ -26,11 +26,51 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["DEFAULT_TARGET_LAYER", "POOLED_LAYER", "attention_and_pooled_grad_cam", "slice_grad_cam"]
+__all__ = [
+    "CAM_METHODS",
+    "DEFAULT_TARGET_LAYER",
+    "POOLED_LAYER",
+    "attention_and_pooled_grad_cam",
+    "class_activation_map",
+    "slice_grad_cam",
+]
 
 POOLED_LAYER = "encoder.backbone.layer4"
 """ResNext+'s last ResNeXt stage: its global average pool is the slice feature."""
 DEFAULT_TARGET_LAYER = POOLED_LAYER
+CAM_METHODS = ("gradcam", "gradcampp", "layercam")
+"""How :func:`class_activation_map` weights a layer's maps by their gradients."""
+
+
+def class_activation_map(activations: Tensor, grads: Tensor, method: str = "gradcam") -> Tensor:
+    """Combine a layer's maps ``(N, K, h, w)`` and their gradients into one map per item ``(N, h, w)``.
+
+    - ``"gradcam"`` (Selvaraju et al. 2017): channel weights are the gradients' spatial mean;
+    - ``"gradcampp"`` (Chattopadhay et al. 2018): channel weights sum the positive gradients,
+      each cell weighted by Grad-CAM++'s ``alpha``, as ``monai.visualize.GradCAMpp`` computes them
+      (without its factor ``exp(score)``, one positive number per volume here, which no
+      normalised map, ranking or argmax sees);
+    - ``"layercam"`` (Jiang et al. 2021): each cell weighted by its own positive gradient.
+
+    Returns:
+        The ReLU of the weighted channel sum, float32.
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    activations, grads = activations.float(), grads.float()
+    if method == "gradcam":
+        weighted = grads.mean(dim=(2, 3), keepdim=True) * activations
+    elif method == "gradcampp":
+        numerator = grads.pow(2)
+        denominator = 2 * numerator + (activations * grads.pow(3)).sum(dim=(2, 3), keepdim=True)
+        alpha = numerator / (torch.where(denominator != 0, denominator, torch.ones_like(denominator)) + 1e-7)
+        weighted = (alpha * F.relu(grads)).sum(dim=(2, 3), keepdim=True) * activations
+    elif method == "layercam":
+        weighted = F.relu(grads) * activations
+    else:
+        raise ValueError(f"method must be one of {CAM_METHODS}, got {method!r}")
+    return F.relu(weighted.sum(dim=1))
 
 
 @contextlib.contextmanager
@@ -50,6 +90,7 @@ def slice_grad_cam(
     target_layer: str = DEFAULT_TARGET_LAYER,
     class_index: int = 1,
     chunk: int | None = None,
+    method: str = "gradcam",
 ) -> Tensor:
     """Grad-CAM maps of ``class_index``'s volume logit for some slices of one volume.
 
@@ -64,13 +105,17 @@ def slice_grad_cam(
         target_layer: dotted name of the module whose output maps are weighted.
         class_index: the logit explained (1: COVID-19).
         chunk: at most this many slices through the CNN at a time; ``None``: all at once.
+        method: how the maps are weighted (:data:`CAM_METHODS`, see :func:`class_activation_map`).
 
     Returns:
         ``(len(slices), H, W)`` non-negative maps, not normalised, on ``volume``'s device.
 
     Raises:
-        ValueError: ``volume`` is not one ``(1, C, H, W, S)`` volume, or ``chunk < 1``.
+        ValueError: ``volume`` is not one ``(1, C, H, W, S)`` volume, ``chunk < 1`` or an unknown
+            method.
     """
+    if method not in CAM_METHODS:
+        raise ValueError(f"method must be one of {CAM_METHODS}, got {method!r}")
     if volume.dim() != 5 or volume.shape[0] != 1:
         raise ValueError(f"expected one volume of shape (1, C, H, W, S), got {list(volume.shape)}")
     if chunk is not None and chunk < 1:
@@ -94,7 +139,7 @@ def slice_grad_cam(
             for start in range(0, positions.numel(), step):
                 part = positions[start : start + step]
                 maps[start : start + part.numel()] = _chunk_cam(
-                    model, layer, all_slices[part], feature_grads[part], (height, width)
+                    model, layer, all_slices[part], feature_grads[part], (height, width), method
                 )
     return maps
 
@@ -106,7 +151,11 @@ def _prepared_slices(model: nn.Module, slices: Tensor) -> Tensor:
 
 
 def attention_and_pooled_grad_cam(
-    model: nn.Module, volumes: Tensor, class_index: int = 1, pooled_layer: str = POOLED_LAYER
+    model: nn.Module,
+    volumes: Tensor,
+    class_index: int = 1,
+    pooled_layer: str = POOLED_LAYER,
+    method: str = "gradcam",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Logits, slice attention and the Grad-CAM of ``pooled_layer`` for every slice, in one pass.
 
@@ -121,6 +170,7 @@ def attention_and_pooled_grad_cam(
         volumes: ``(B, C, H, W, S)`` network input.
         class_index: the logit explained (1: COVID-19).
         pooled_layer: dotted name of the layer whose pooled output is the slice feature.
+        method: how the maps are weighted (:data:`CAM_METHODS`, see :func:`class_activation_map`).
 
     Returns:
         ``logits`` ``(B, num_classes)``, ``attention`` ``(B, S)`` and non-negative maps
@@ -148,14 +198,19 @@ def attention_and_pooled_grad_cam(
         logits, attention = model.classify_slice_features(pooled)
         (feature_grads,) = torch.autograd.grad(logits[:, class_index].sum(), pooled)
     cells = activations.shape[2] * activations.shape[3]
-    # d logit / d map = (d logit / d pooled feature) / cells at every cell: Grad-CAM's weights
-    weights = feature_grads.reshape(batch * depth, -1).float() / cells
-    cams = F.relu(torch.einsum("nk,nkhw->nhw", weights, activations.float()))
+    # d logit / d map = (d logit / d pooled feature) / cells, the same at every cell
+    grads = (feature_grads.reshape(batch * depth, -1, 1, 1).float() / cells).expand_as(activations)
+    cams = class_activation_map(activations, grads, method)
     return logits.detach(), attention.detach(), cams.reshape(batch, depth, *cams.shape[1:])
 
 
 def _chunk_cam(
-    model: nn.Module, layer: nn.Module, slices: Tensor, feature_grads: Tensor, size: tuple[int, int]
+    model: nn.Module,
+    layer: nn.Module,
+    slices: Tensor,
+    feature_grads: Tensor,
+    size: tuple[int, int],
+    method: str,
 ) -> Tensor:
     captured: list[Tensor] = []
     handle = layer.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
@@ -166,6 +221,5 @@ def _chunk_cam(
         handle.remove()
     activations = captured[-1]
     (grads,) = torch.autograd.grad(features, activations, grad_outputs=feature_grads)
-    weights = grads.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
+    cam = class_activation_map(activations.detach(), grads, method)[:, None]
     return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]

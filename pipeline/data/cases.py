@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.datalist import LESION_KEY
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "VOLUME_SUFFIXES",
@@ -243,8 +245,12 @@ def cases_from_datalist(datalist: str | os.PathLike, split: str | None = "test")
             item = {"image": item}
         if not isinstance(item, dict) or not isinstance(item.get("image"), str):
             raise ValueError(f"{path}: item {index} has no 'image' path: {item!r}")
-        image = Path(item["image"])
-        cases.append({**item, "image": str(image if image.is_absolute() else path.parent / image)})
+        case = dict(item)
+        for key in ("image", LESION_KEY):
+            if isinstance(item.get(key), str):
+                file = Path(item[key])
+                case[key] = str(file if file.is_absolute() else path.parent / file)
+        cases.append(case)
     names = [str(c.get("case_id") or case_id_from_path(c["image"])) for c in cases]
     for case, case_id in zip(cases, unique_case_ids(names)):
         case["case_id"] = case_id

@@ -3,7 +3,9 @@
 A data list is a JSON file ``{"training": [...], "validation": [...], "test": [...]}`` whose
 items are ``{"image": path, "label": 0 | 1, "slice_labels": [0, 1, ...]}`` (``slice_labels``
 optional: one 0/1 per axial slice, in the volume's slice order). ``image`` is a NIfTI or
-MetaImage file or a DICOM series folder, relative to the data folder or absolute.
+MetaImage file or a DICOM series folder, relative to the data folder or absolute. An item may
+name a voxel mask of its lesions (``"lesion"``: a file on the image's grid, non-zero in lesions),
+which evaluation uses to measure how well the heatmaps point at the lesions.
 
 :func:`load_datalist` reads a split and runs :func:`check_datalist`, which collects every
 problem (missing files, unreadable headers, truncated files, DICOM series that are not CT,
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "LESION_KEY",
     "DatalistError",
     "axial_axis",
     "axial_slice_count",
@@ -41,6 +44,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LABELS = (0, 1)
+LESION_KEY = "lesion"
+"""Item key of the optional lesion mask (resolved like ``image``)."""
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SERIES_RESTRICTION = "0008|0021"  # series date: how MONAI's ITKReader tells series apart
 DICOM_MODALITY_TAG = "0008|0060"
@@ -260,6 +265,15 @@ def _check_item(
         elif label == 0 and any(slice_labels):
             problems.append(f"{where}: label 0 but {sum(slice_labels)} slice labels are 1")
 
+    resolved = {**item, "image": os.fspath(path)}
+    lesion = item.get(LESION_KEY)
+    if lesion is not None:
+        if not isinstance(lesion, str) or not lesion:
+            problems.append(f"{where}: '{LESION_KEY}' must be the path of a lesion mask")
+        elif not (lesion_path := Path(os.path.abspath(base_dir / lesion))).exists():
+            problems.append(f"{where}: lesion mask not found: {lesion_path}")
+        else:
+            resolved[LESION_KEY] = os.fspath(lesion_path)
     if not path.exists():
         problems.append(f"{where}: file not found: {path}")
     elif read_headers:
@@ -271,7 +285,7 @@ def _check_item(
         else:
             if slice_labels is not None and len(slice_labels) != slices:
                 problems.append(f"{where}: {len(slice_labels)} slice labels for {slices} axial slices")
-    return {**item, "image": os.fspath(path)}, problems
+    return resolved, problems
 
 
 def check_datalist(

@@ -129,7 +129,8 @@ class SliceAttentionSaver:
         figure_kwargs: extra arguments of :func:`pipeline.export.figures.plot_slice_attention`.
         heatmaps: called for each scored case as ``heatmaps(case_dir, image, slice_pred,
             slice_indices, case_id, cams)`` with the network input ``(C, H, W, S)`` and the
-            maps under ``cam_key`` (``None`` when absent), e.g. a
+            maps under ``cam_key`` (``None`` when absent) and, as ``lesion=``, the item's lesion
+            mask under ``lesion_key`` when it was loaded, e.g. a
             :class:`~pipeline.export.heatmap_export.SliceHeatmapWriter`; ``None``: no heatmaps.
         tables: write ``predictions.csv`` and ``errors.csv`` after each case; ``False`` when a
             :class:`~pipeline.export.batch_tables.BatchTables` merges them at the end instead.
@@ -141,6 +142,7 @@ class SliceAttentionSaver:
         pred_key: str = "pred",
         attention_key: str = "attention",
         cam_key: str = "cam",
+        lesion_key: str = "lesion",
         image_key: str = "image",
         case_id_key: str = "case_id",
         slice_indices_key: str = "slice_indices",
@@ -159,6 +161,7 @@ class SliceAttentionSaver:
         self.pred_key = pred_key
         self.attention_key = attention_key
         self.cam_key = cam_key
+        self.lesion_key = lesion_key
         self.image_key = image_key
         self.case_id_key = case_id_key
         self.slice_indices_key = slice_indices_key
@@ -287,7 +290,9 @@ class SliceAttentionSaver:
         self.predictions.append(row)
 
         if self.heatmaps is not None and isinstance(image_tensor, torch.Tensor) and image_tensor.ndim == 4:
-            self.heatmaps(case_dir, image_tensor, slice_pred, indices, case_id, result.get(self.cam_key))
+            cams, lesion = result.get(self.cam_key), item.get(self.lesion_key)
+            lesion = lesion if isinstance(lesion, torch.Tensor) else None  # a path when not loaded
+            self.heatmaps(case_dir, image_tensor, slice_pred, indices, case_id, cams, lesion=lesion)
         if self.save_figures:
             from pipeline.export.figures import plot_slice_attention
 

@@ -211,7 +211,7 @@ def plot_heatmap_slice(
 
 
 def plot_heatmap_slices(
-    slices: Iterable[tuple[str | os.PathLike, np.ndarray, np.ndarray, str | None]],
+    slices: Iterable[tuple[str | os.PathLike, np.ndarray, np.ndarray, str | None, np.ndarray | None]],
     alpha: float = 0.45,
     size_inches: float = 3.0,
 ) -> list[Path]:
@@ -222,7 +222,8 @@ def plot_heatmap_slices(
     slice, which makes the many PNGs of a volume several times cheaper.
 
     Args:
-        slices: ``(path, ct_slice, heatmap_slice, title)`` for each PNG.
+        slices: ``(path, ct_slice, heatmap_slice, title, lesion_slice)`` for each PNG; the
+            lesion mask (or ``None``) is drawn as a white outline (the truth over the map).
         alpha: opacity of the heatmap at its hottest point (0 where it is 0).
         size_inches: width and height of the figure.
 
@@ -230,9 +231,10 @@ def plot_heatmap_slices(
         The paths written, in order.
     """
     figure = axis = grey = overlay = bounds = None
+    outline: Any = None
     paths: list[Path] = []
     try:
-        for path, ct_slice, heatmap_slice, title in slices:
+        for path, ct_slice, heatmap_slice, title, lesion_slice in slices:
             heat = np.clip(_display(heatmap_slice), 0.0, 1.0)
             if figure is None:
                 figure, axis = plt.subplots(figsize=(size_inches, size_inches))
@@ -248,6 +250,12 @@ def plot_heatmap_slices(
                 overlay.set_data(heat)
                 overlay.set_alpha(alpha * heat)
             axis.set_title(title or "", fontsize=9)
+            if outline is not None:
+                outline.remove()
+                outline = None
+            if lesion_slice is not None and np.any(lesion_slice):
+                lesion_display = _display(np.asarray(lesion_slice, dtype=float))
+                outline = axis.contour(lesion_display, levels=[0.5], colors="white", linewidths=1.0)
             paths.append(save_figure(figure, path, dpi=80, close=False, bbox_inches=bounds))
     finally:
         if figure is not None:

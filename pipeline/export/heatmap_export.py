@@ -40,10 +40,13 @@ class SliceHeatmapWriter:
 
     Args:
         network: the scoring network (its weights as in the evaluator).
-        target_layer: dotted name of the layer whose maps Grad-CAM weights (ResNext+'s last
+        target_layer: dotted name of the layer whose maps are weighted (ResNext+'s last
             ResNeXt stage by default: 1/32 of the input size, e.g. 7 x 7 for 224 x 224).
         slice_chunk: slices through the CNN at a time while mapping (bounds the memory).
-        save_figures: also write the PNG overlays.
+        save_figures: also write the PNG overlays (with the lesion outline when the case has a
+            lesion mask).
+        method: how the maps are weighted (:data:`networks.grad_cam.CAM_METHODS`).
+        in_lung: multiply the maps by the lung mask.
     """
 
     def __init__(
@@ -52,9 +55,13 @@ class SliceHeatmapWriter:
         target_layer: str = DEFAULT_TARGET_LAYER,
         slice_chunk: int | None = 8,
         save_figures: bool = True,
+        method: str = "gradcam",
+        in_lung: bool = False,
     ) -> None:
         self.network = network
         self.target_layer = target_layer
+        self.method = method
+        self.in_lung = in_lung
         self.slice_chunk = slice_chunk
         self.save_figures = save_figures
 
@@ -66,6 +73,7 @@ class SliceHeatmapWriter:
         slice_indices: Sequence[int] | np.ndarray,
         case_id: str | None = None,
         cams: torch.Tensor | None = None,
+        lesion: torch.Tensor | None = None,
     ) -> Path:
         """Write the heatmaps of one case.
 
@@ -78,6 +86,8 @@ class SliceHeatmapWriter:
             case_id: shown in the PNG titles.
             cams: ``(S, h, w)`` Grad-CAM maps of ``target_layer`` from the inference pass, when
                 it computed them (then the CNN does not run again), else ``None``.
+            lesion: the case's lesion mask on the network grid (``(1, H, W, S)``), drawn as an
+                outline over the map, or ``None``.
 
         Returns:
             The path of ``heatmap.nii.gz``.
@@ -85,19 +95,30 @@ class SliceHeatmapWriter:
         case_dir = Path(case_dir)
         for stale in case_dir.glob(HEATMAP_PNG.format(index="*")):  # a previous run's calls
             stale.unlink()
-        heatmap = volume_heatmap(self.network, image, slice_pred, self.target_layer, self.slice_chunk, cams)
+        heatmap = volume_heatmap(
+            self.network,
+            image,
+            slice_pred,
+            self.target_layer,
+            self.slice_chunk,
+            cams,
+            method=self.method,
+            in_lung=self.in_lung,
+        )
         values, affine = to_input_grid(heatmap, getattr(image, "meta", {}))
         path = write_nifti(case_dir / HEATMAP_NIFTI, values, affine)
         if self.save_figures:
             ct = torch.as_tensor(image)[0].detach().float().cpu().numpy()
             indices = np.asarray(slice_indices).reshape(-1)
             maps = heatmap.numpy()
+            outline = None if lesion is None else torch.as_tensor(lesion).cpu().numpy().reshape(ct.shape) > 0
             plot_heatmap_slices(
                 (
                     case_dir / HEATMAP_PNG.format(index=int(indices[position])),
                     ct[..., position],
                     maps[..., position],
                     f"{case_id or case_dir.name}, slice {int(indices[position])}",
+                    None if outline is None else outline[..., position],
                 )
                 for position in np.flatnonzero(np.asarray(slice_pred).reshape(-1))
             )

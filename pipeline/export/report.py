@@ -114,6 +114,36 @@ class AttentionExample:
     heatmaps: Sequence[Path] = ()
 
 
+def localisation_section(localisation: Mapping[str, Any]) -> list[str]:
+    """The localisation table: pointing game and pixel ROC AUC, on every lesion slice and on called ones."""
+    if not localisation or not localisation.get("slices"):
+        return []
+    rows = [
+        [
+            scope,
+            _format(localisation.get(f"pointing_game{suffix}")),
+            _format(localisation.get(f"pixel_auc{suffix}")),
+            str(localisation.get(f"slices{suffix}", 0)),
+        ]
+        for scope, suffix in (("every lesion slice", ""), ("lesion slices the tuned rule called", "_called"))
+    ]
+    heatmap = localisation.get("heatmap") or {}
+    setting = (
+        f"{heatmap.get('method', 'gradcam')} on `{heatmap.get('layer', '')}`"
+        + (", times the lung mask" if heatmap.get("in_lung") else "")
+        if heatmap
+        else "the bundle's heatmap"
+    )
+    return [
+        "## Localisation",
+        markdown_table(["slices of positive test volumes", "pointing game", "pixel ROC AUC", "slices"], rows),
+        f"Heatmaps ({setting}) against the lesion masks, on the network grid, in the "
+        f"{localisation.get('volumes', 0)} positive test volumes: the pointing game counts the slices whose "
+        "hottest pixel lies in a lesion (dilated by one pixel); the pixel ROC AUC ranks the lung's pixels "
+        "of each slice by heat against the lesion pixels, averaged over slices (0.5: chance).",
+    ]
+
+
 @dataclass
 class Report:
     """The content of ``report.md``; :meth:`write` renders it.
@@ -129,6 +159,9 @@ class Report:
         predictions: rows of ``predictions.csv`` to list (trimmed to ``max_predictions``).
         errors: ``(image, error)`` rows of inputs that could not be processed.
         notes: paragraphs added at the end (how to reproduce, where the files are).
+        localisation: the ``localisation`` metrics of ``metrics.json`` (pointing game and pixel
+            ROC AUC of the heatmaps against the lesion masks) and its ``heatmap`` setting under
+            ``"heatmap"``, shown beside the metrics; empty: no section.
     """
 
     title: str
@@ -140,6 +173,7 @@ class Report:
     predictions: Sequence[Mapping[str, Any]] = ()
     errors: Sequence[Sequence[str]] = ()
     notes: Sequence[str] = ()
+    localisation: Mapping[str, Any] = field(default_factory=dict)
     max_predictions: int = 20
 
     def render(self, base: str | os.PathLike) -> str:
@@ -164,6 +198,7 @@ class Report:
                 if "slice" in self.metrics
                 else ""
             )
+        parts += localisation_section(self.localisation)
         for level, matrix in self.confusion.items():
             parts += [f"Confusion matrix, {level}:", confusion_table(matrix)]
         for caption, path in self.figures:

@@ -147,6 +147,18 @@ def _make_datalist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_heatmaps(args: argparse.Namespace) -> int:
+    from pipeline.jobs.heatmap_study import best_setting, compare_heatmaps, study_table
+
+    results = compare_heatmaps(args.run, splits=args.splits)
+    table = study_table(results)
+    print(table)
+    if "validation" in results:
+        print(f"best on validation (pixel ROC AUC): {best_setting(results['validation'])}")
+    print(f"numbers: {args.run / 'heatmap_study.json'}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -287,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluating a trained model with evaluate.json (external validation)",
     )
     datalist.set_defaults(func=_make_datalist)
+
+    heatmaps = commands.add_parser(
+        "compare-heatmaps",
+        help="score every heatmap layer, weighting and lung masking of a demo run against its lesion masks",
+    )
+    heatmaps.add_argument("run", type=Path, help="the folder of a finished `python -m pipeline demo` run")
+    heatmaps.add_argument(
+        "--splits",
+        type=_names,
+        default=["validation", "test"],
+        metavar="NAMES",
+        help="comma-separated splits to score (default: validation,test)",
+    )
+    heatmaps.set_defaults(func=_compare_heatmaps)
     return parser
 
 

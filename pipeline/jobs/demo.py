@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.data.atomic_files import atomic_write_text
+from pipeline.data.datalist import LESION_KEY
 from pipeline.export.attention_export import ERRORS_FILE, PREDICTIONS_FILE
 from pipeline.export.figures import plot_precision_recall, plot_reliability, plot_roc, plot_training_curves
 from pipeline.export.heatmap_export import HEATMAP_PNG
@@ -203,12 +204,9 @@ def make_demo_datalist(
         for split, items in json.loads(Path(datalist).read_text()).items():
             for item in items:
                 image = Path(item["image"])
+                moved = {key: f"{source}/{item[key]}" for key in ("image", LESION_KEY) if key in item}
                 merged.setdefault(split, []).append(
-                    {
-                        **item,
-                        "image": f"{source}/{image.as_posix()}",
-                        "case_id": f"{source}_{image.name.split('.')[0]}",
-                    }
+                    {**item, **moved, "case_id": f"{source}_{image.name.split('.')[0]}"}
                 )
     path = data_dir / "datalist.json"
     atomic_write_text(path, json.dumps(merged, indent=1) + "\n")
@@ -536,6 +534,7 @@ def write_demo_report(
         examples=_examples(inference_dir, predictions, settings.examples),
         predictions=[{**row, "image": _relative(row["image"], out_dir)} for row in predictions],
         errors=errors,
+        localisation={**metrics.get("localisation", {}), "heatmap": metrics.get("heatmap", {})},
         notes=[
             *_slice_rule_notes(volumes, slice_level, paper_rule),
             *calibration_notes,

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.data.atomic_files import atomic_write_bytes
 from pipeline.data.collections import split_patients
+from pipeline.data.datalist import LESION_KEY
 from pipeline.data.nifti_files import write_nifti
 from pipeline.synthetic.demo_volume import DemoVolume, to_int16, volume_streams
 from pipeline.synthetic.lesions import LesionSettings, insert_lesions
@@ -52,6 +53,7 @@ __all__ = [
 
 DATALIST_NAME = "datalist.json"
 IMAGES_DIR = "images"
+LESIONS_DIR = "lesions"
 SCANNER_NOISE_HU = (10.0, 20.0)
 """Standard deviation of a phantom's scanner noise."""
 
@@ -161,9 +163,12 @@ def make_demo_data(
 ) -> Path:
     """Write demo chest CT volumes, a decathlon-style ``datalist.json`` and a ``README.txt``.
 
-    Volumes go to ``out_dir/images/{positive,negative}_NNN.nii.gz``. The datalist holds the
-    splits ``training``, ``validation`` and ``test``, each item ``{"image": relative path,
-    "label": 0 | 1, "slice_labels": [0 | 1 per axial slice]}``; every split holds both classes.
+    Volumes go to ``out_dir/images/{positive,negative}_NNN.nii.gz``, the lesion masks of the
+    positives (uint8, 1 in lesion voxels, on the volume's grid) to
+    ``out_dir/lesions/positive_NNN.nii.gz``. The datalist holds the splits ``training``,
+    ``validation`` and ``test``, each item ``{"image": relative path, "label": 0 | 1,
+    "slice_labels": [0 | 1 per axial slice]}``, positives with ``"lesion": relative path`` too
+    (evaluation only: training never reads it); every split holds both classes.
     Every file is written atomically; the same arguments give the same bytes.
 
     Args:
@@ -212,6 +217,10 @@ def make_demo_data(
             name = _image_name(label, index)
             write_nifti(out_dir / name, volume.hu, volume.affine)
             items[label, index] = {"image": name, "label": label, "slice_labels": volume.slice_labels}
+            if label:
+                lesion_name = name.replace(IMAGES_DIR, LESIONS_DIR, 1)
+                write_nifti(out_dir / lesion_name, volume.lesions, volume.affine, dtype=np.uint8)
+                items[label, index][LESION_KEY] = lesion_name
 
     datalist = {
         split: [items[label, index] for label in (1, 0) for index in by_label[label]]
@@ -280,7 +289,8 @@ def _readme(
         + ",",
         "rounded to whole slices, at least one.",
         f"A lesion voxel is a lung voxel that a lesion raises by at least {settings.min_rise_hu:g} HU;",
-        "slice_labels[k] in datalist.json is 1 exactly when slice k holds lesion voxels.",
+        "slice_labels[k] in datalist.json is 1 exactly when slice k holds lesion voxels;",
+        "lesions/positive_NNN.nii.gz holds each positive volume's lesion voxels (1) on its grid.",
         "Negative volumes have no lesions.",
         "",
     ]

@@ -28,7 +28,57 @@ from torch.nn import functional as F
 from networks.grad_cam import DEFAULT_TARGET_LAYER, slice_grad_cam
 from pipeline.workflow.inferer import unwrap_network
 
-__all__ = ["DEFAULT_TARGET_LAYER", "to_input_grid", "volume_heatmap"]
+__all__ = ["DEFAULT_TARGET_LAYER", "slice_maps", "to_input_grid", "volume_heatmap"]
+
+
+def slice_maps(
+    network: nn.Module,
+    image: torch.Tensor,
+    slices: Sequence[int] | np.ndarray,
+    target_layer: str = DEFAULT_TARGET_LAYER,
+    method: str = "gradcam",
+    in_lung: bool = False,
+    slice_chunk: int | None = 8,
+    cams: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Class activation maps of the COVID-19 logit for some slices of one volume, on the network grid.
+
+    Args:
+        network: the scoring network (possibly wrapped in ``DataParallel``), in eval mode.
+        image: the network input of one volume, ``(C, H, W, S)``; with two channels, channel 1
+            is the lung mask.
+        slices: positions of the slices to map.
+        target_layer: dotted name of the network layer whose maps are weighted.
+        method: how they are weighted (:data:`networks.grad_cam.CAM_METHODS`).
+        in_lung: multiply each map by the lung mask (channel 1 of ``image``), so that nothing
+            outside the (dilated) lung is hot.
+        slice_chunk: slices through the CNN at a time (bounds the memory).
+        cams: ``(S, h, w)`` maps of ``target_layer`` and ``method`` for every slice from the
+            inference pass, or ``None`` to compute them; they are upsampled bilinearly to
+            ``(H, W)``, as :func:`~networks.grad_cam.slice_grad_cam` does.
+
+    Returns:
+        ``(len(slices), H, W)`` non-negative float32 maps on the CPU, not normalised.
+    """
+    positions = torch.as_tensor(np.asarray(slices, dtype=np.int64).reshape(-1))
+    height, width = image.shape[1:3]
+    if positions.numel() == 0:
+        return torch.zeros((0, height, width), dtype=torch.float32)
+    if cams is not None:
+        chosen = torch.as_tensor(cams)[positions].float()[:, None]
+        maps = F.interpolate(chosen, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+    else:
+        module = unwrap_network(network)
+        device = next(module.parameters()).device
+        volume = convert_to_tensor(image, track_meta=False).to(device=device)[None]
+        maps = slice_grad_cam(
+            module, volume, positions.tolist(), target_layer=target_layer, chunk=slice_chunk, method=method
+        )
+    maps = maps.float().cpu()
+    if in_lung and image.shape[0] > 1:
+        lung = convert_to_tensor(image[1], track_meta=False).float().cpu()  # (H, W, S)
+        maps = maps * lung[..., positions].permute(2, 0, 1)
+    return maps
 
 
 def volume_heatmap(
@@ -38,18 +88,16 @@ def volume_heatmap(
     target_layer: str = DEFAULT_TARGET_LAYER,
     slice_chunk: int | None = 8,
     cams: torch.Tensor | None = None,
+    method: str = "gradcam",
+    in_lung: bool = False,
 ) -> torch.Tensor:
-    """Grad-CAM of the COVID-19 logit on the predicted-positive slices of one volume.
+    """Class activation maps of the COVID-19 logit on the predicted-positive slices of one volume.
 
     Args:
         network: the scoring network (possibly wrapped in ``DataParallel``), in eval mode.
         image: the network input of one volume, ``(C, H, W, S)``.
         slice_pred: ``(S,)`` 0/1 slice predictions; only slices marked 1 are mapped.
-        target_layer: dotted name of the network layer whose maps are weighted.
-        slice_chunk: slices through the CNN at a time (bounds the memory).
-        cams: ``(S, h, w)`` maps of ``target_layer`` for every slice from the inference pass, or
-            ``None`` to compute them; they are upsampled bilinearly to ``(H, W)``, as
-            :func:`~networks.grad_cam.slice_grad_cam` does.
+        target_layer, method, in_lung, slice_chunk, cams: as in :func:`slice_maps`.
 
     Returns:
         ``(H, W, S)`` float32 on the CPU, in [0, 1] (1 at the volume's hottest point), zero on
@@ -59,17 +107,10 @@ def volume_heatmap(
     heatmap = torch.zeros(image.shape[1:], dtype=torch.float32)
     if positive.size == 0:
         return heatmap
-    if cams is not None:
-        chosen = torch.as_tensor(cams)[torch.as_tensor(positive)].float()[:, None]
-        maps = F.interpolate(chosen, size=heatmap.shape[:2], mode="bilinear", align_corners=False)[:, 0]
-    else:
-        module = unwrap_network(network)
-        device = next(module.parameters()).device
-        volume = convert_to_tensor(image, track_meta=False).to(device=device)[None]
-        maps = slice_grad_cam(module, volume, positive.tolist(), target_layer=target_layer, chunk=slice_chunk)
+    maps = slice_maps(network, image, positive, target_layer, method, in_lung, slice_chunk, cams)
     peak = maps.max()
     if peak > 0:
-        heatmap[..., torch.as_tensor(positive)] = (maps / peak).permute(1, 2, 0).float().cpu()
+        heatmap[..., torch.as_tensor(positive)] = (maps / peak).permute(1, 2, 0)
     return heatmap
 
 

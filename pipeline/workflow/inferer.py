@@ -38,7 +38,7 @@ from monai.inferers import Inferer
 from monai.transforms import Activationsd, Compose, CopyItemsd, FlattenSubKeysd
 from torch import nn
 
-from networks.grad_cam import POOLED_LAYER, attention_and_pooled_grad_cam
+from networks.grad_cam import CAM_METHODS, POOLED_LAYER, attention_and_pooled_grad_cam
 from pipeline.workflow.precision import cpu_has_native_bf16
 
 __all__ = ["CpuBFloat16Inferer", "SliceAttentionInferer", "attention_postprocessing", "unwrap_network"]
@@ -63,6 +63,7 @@ class SliceAttentionInferer(Inferer):
             the pooled layer (:data:`networks.grad_cam.POOLED_LAYER`, the default heatmap layer)
             come from this same pass under ``cam_key``; any other layer is left to
             :func:`networks.grad_cam.slice_grad_cam`, which runs the CNN again.
+        grad_cam_method: how those maps are weighted (:data:`networks.grad_cam.CAM_METHODS`).
         cpu_bf16: on a CPU, run the network under ``torch.autocast("cpu", dtype=torch.bfloat16)``
             (fast on CPUs with AVX-512 BF16 or AMX; see
             :func:`pipeline.workflow.precision.cpu_has_native_bf16`).
@@ -75,6 +76,7 @@ class SliceAttentionInferer(Inferer):
         self,
         slice_chunk: int | None = None,
         grad_cam_layer: str | None = None,
+        grad_cam_method: str = "gradcam",
         cpu_bf16: bool = False,
         logits_key: str = "logits",
         attention_key: str = "attention",
@@ -84,7 +86,10 @@ class SliceAttentionInferer(Inferer):
         if slice_chunk is not None and slice_chunk < 1:
             raise ValueError(f"slice_chunk must be a positive number of slices or None, got {slice_chunk}")
         self.slice_chunk = slice_chunk
+        if grad_cam_method not in CAM_METHODS:
+            raise ValueError(f"grad_cam_method must be one of {CAM_METHODS}, got {grad_cam_method!r}")
         self.grad_cam_layer = grad_cam_layer
+        self.grad_cam_method = grad_cam_method
         self.cpu_bf16 = bool(cpu_bf16)
         if self.cpu_bf16 and not cpu_has_native_bf16():
             warnings.warn(
@@ -118,7 +123,7 @@ class SliceAttentionInferer(Inferer):
         with _slice_chunk(module, self.slice_chunk), autocast:
             if self.grad_cam_layer == POOLED_LAYER:
                 logits, attention, cams = attention_and_pooled_grad_cam(
-                    module, inputs, pooled_layer=POOLED_LAYER
+                    module, inputs, pooled_layer=POOLED_LAYER, method=self.grad_cam_method
                 )
                 return {self.logits_key: logits, self.attention_key: attention, self.cam_key: cams}
             logits, attention = forward(inputs, *args, **kwargs)

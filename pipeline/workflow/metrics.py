@@ -54,6 +54,7 @@ __all__ = [
     "score_and_label",
     "slice_baselines",
     "slice_predictions",
+    "volume_items",
 ]
 
 METRIC_NAMES = {
@@ -159,7 +160,7 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _items(data: Any) -> list:
+def volume_items(data: Any) -> list:
     """One entry per volume: decollated engine data stays as it is, a collated batch is split."""
     if isinstance(data, list):
         return data
@@ -247,14 +248,14 @@ def score_and_label(output: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]
     ``ROCAUC`` wants one-hot labels for ``(2,)`` probabilities; the positive-class score with
     the class index is the same binary AUC and leaves the engine's ``label`` as it is.
     """
-    items = _items(output)
+    items = volume_items(output)
     scores = [torch.as_tensor(item["pred"]).detach().reshape(-1)[-1:].float().cpu() for item in items]
     labels = [torch.as_tensor(item["label"]).detach().reshape(-1)[-1:].float().cpu() for item in items]
     return scores, labels
 
 
 def _pred_and_label(output: Any) -> tuple[list, list]:
-    items = _items(output)
+    items = volume_items(output)
     return [item["pred"] for item in items], [item["label"] for item in items]
 
 
@@ -344,7 +345,7 @@ class SliceMetrics(Metric):
     @torch.no_grad()
     def iteration_completed(self, engine: Any) -> None:
         """Pair each volume's output with its batch entry (for the slice labels), then update."""
-        outputs, batch = _items(engine.state.output), _items(engine.state.batch)
+        outputs, batch = volume_items(engine.state.output), volume_items(engine.state.batch)
         for result, item in zip(outputs, batch):
             label = result.get(self.label_key, item.get(self.label_key))
             slice_labels = item.get(self.slice_labels_key)

@@ -61,6 +61,7 @@ from pipeline.workflow.preprocessing_transforms import (
     ApplyToClassd,
     CacheableMetad,
     OriginalSliceIndicesd,
+    SameGridd,
     SeriesLoadImaged,
     ValidateVolumed,
 )
@@ -105,6 +106,7 @@ def deterministic_transforms(
     mask_key: str = "mask",
     slice_labels_key: str = "slice_labels",
     slice_indices_key: str = "slice_indices",
+    lesion_key: str | None = None,
 ) -> list[Transform]:
     """The deterministic preprocessing shared by training, evaluation and inference.
 
@@ -125,11 +127,14 @@ def deterministic_transforms(
         image_key, mask_key: keys of the CT and of the lung mask it adds.
         slice_labels_key, slice_indices_key: keys of the per-slice labels (reordered with the
             slices when present) and of the original slice indices (added).
+        lesion_key: key of an item's lesion mask file, loaded when the item has one and brought
+            onto the network grid with the image (nearest neighbour); ``None``: not loaded.
 
     Returns:
         The transforms, in order; the item then holds ``image`` ``(1, S', S', S)`` float16 in
         [0, 1] (``S' = spatial_size``, ``S`` axial slices), the 0/1 uint8 ``mask`` ``(1, S', S', S)``,
-        ``slice_indices`` ``(S,)`` and, when given, ``slice_labels`` ``(S,)`` in the same order.
+        ``slice_indices`` ``(S,)`` and, when given, ``slice_labels`` ``(S,)`` in the same order,
+        and with ``lesion_key`` the item's 0/1 uint8 lesion mask ``(1, S', S', S)``.
 
     Raises:
         ValueError: unknown enhancement or inconsistent sizes.
@@ -148,12 +153,14 @@ def deterministic_transforms(
         ]
     if enhancement == "stochastic":
         windowing.append(StochasticEnhanced(keys=image_key, seed=seed))
+    lesion = [lesion_key] if lesion_key else []
     return [
         # reads the series an item names under "series_uid" in a folder of several DICOM series
         SeriesLoadImaged(LoadImaged(keys=image_key, reader=reader, image_only=True)),
         EnsureChannelFirstd(keys=image_key),
         ValidateVolumed(keys=image_key),
-        Orientationd(keys=image_key, axcodes="RAS", labels=None),
+        *_lesion_loading(lesion, image_key, reader),
+        Orientationd(keys=[image_key, *lesion], axcodes="RAS", labels=None, allow_missing_keys=True),
         OriginalSliceIndicesd(keys=image_key, indices_key=slice_indices_key, labels_key=slice_labels_key),
         EnsureTyped(keys=image_key, dtype="float32", track_meta=True),
         LungMaskd(
@@ -165,15 +172,38 @@ def deterministic_transforms(
         ),
         *windowing,
         Resized(
-            keys=both,
+            keys=[*both, *lesion],
             spatial_size=(resize_size, resize_size, -1),
-            mode=("trilinear", "nearest-exact"),
-            anti_aliasing=(True, False),
+            mode=("trilinear", "nearest-exact", *["nearest-exact"] * len(lesion)),
+            anti_aliasing=(True, False, *[False] * len(lesion)),
+            allow_missing_keys=bool(lesion),
         ),
-        CenterSpatialCropd(keys=both, roi_size=(spatial_size, spatial_size, -1)),
-        CacheableMetad(keys=both),
-        CastToTyped(keys=both, dtype=[CACHE_DTYPES["image"], CACHE_DTYPES["mask"]]),
+        CenterSpatialCropd(
+            keys=[*both, *lesion], roi_size=(spatial_size, spatial_size, -1), allow_missing_keys=bool(lesion)
+        ),
+        CacheableMetad(keys=[*both, *lesion], allow_missing_keys=bool(lesion)),
+        CastToTyped(
+            keys=[*both, *lesion],
+            dtype=[CACHE_DTYPES["image"], CACHE_DTYPES["mask"], *[CACHE_DTYPES["mask"]] * len(lesion)],
+            allow_missing_keys=bool(lesion),
+        ),
     ]
+
+
+def _lesion_loading(lesion: list[str], image_key: str, reader: str) -> list[Transform]:
+    """Load an item's lesion mask (when it has one) and check it lies on its image's grid."""
+    if not lesion:
+        return []
+    return [
+        LoadImaged(keys=lesion, reader=reader, image_only=True, allow_missing_keys=True),
+        EnsureChannelFirstd(keys=lesion, allow_missing_keys=True),
+        SameGridd(keys=lesion, reference_key=image_key),
+        Lambdad(keys=lesion, func=_binary, allow_missing_keys=True),
+    ]
+
+
+def _binary(mask: Any) -> Any:
+    return (mask > 0).to(dtype=mask.dtype) if hasattr(mask, "to") else (mask > 0).astype(mask.dtype)
 
 
 def _add_channel_axis(volume: Any) -> Any:
@@ -230,17 +260,21 @@ def training_transforms(
     label_key: str = "label",
     slice_labels_key: str = "slice_labels",
     slice_indices_key: str = "slice_indices",
+    lesion_key: str = "lesion",
 ) -> list[Transform]:
     """The random part of training: slice sampling, float32 again, then positive-only augmentation.
+
+    An item's lesion mask (``lesion_key``) is dropped: training sees volume labels only.
 
     Args:
         num_slices: slices sampled per volume (kept in axial order).
         augment: apply :func:`positive_augmentation` to items of ``positive_classes``.
         augment_prob: probability of each variation.
         positive_classes: labels whose volumes are augmented.
-        image_key, mask_key, label_key, slice_labels_key, slice_indices_key: item keys.
+        image_key, mask_key, label_key, slice_labels_key, slice_indices_key, lesion_key: item keys.
     """
     chain: list[Transform] = [
+        DeleteItemsd(keys=lesion_key),
         RandSliceSampled(
             keys=(image_key, mask_key),
             num_slices=num_slices,

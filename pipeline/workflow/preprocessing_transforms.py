@@ -10,6 +10,7 @@
   accepts, so ``PersistentDataset`` can cache MetaTensors (numpy arrays in the meta data and
   the applied-operations trace are otherwise refused on loading and the cache never hits).
 - :class:`SeriesLoadImaged`: load the one DICOM series an item names in a folder holding several.
+- :class:`SameGridd`: refuse a mask (e.g. of the lesions) that is not on its image's grid.
 - :class:`ApplyToClassd`: apply random transforms only to items of some classes (the
   positive-only augmentation).
 """
@@ -36,6 +37,7 @@ __all__ = [
     "CacheableMetad",
     "OriginalSliceIndices",
     "OriginalSliceIndicesd",
+    "SameGridd",
     "SeriesLoadImaged",
     "ValidateVolume",
     "ValidateVolumed",
@@ -301,3 +303,42 @@ class SeriesLoadImaged(MapTransform):
         if not series:
             return self.loader(data)
         return self.loader(data, reader=ITKReader(series_name=str(series), **self.reader_kwargs))
+
+
+class SameGridd(MapTransform):
+    """Refuse an item whose ``keys`` (masks) are not on the grid of ``reference_key`` (the image).
+
+    Run it after loading, before anything resamples: a mask of another shape or affine would
+    otherwise be resized onto the image and silently mark the wrong voxels.
+
+    Args:
+        keys: the masks to check (missing ones are skipped).
+        reference_key: the image they belong to.
+        atol: tolerance on the affines, in mm.
+
+    Raises:
+        ValueError: naming the mask file and the image when the shapes or affines differ.
+    """
+
+    def __init__(self, keys: KeysCollection, reference_key: str = "image", atol: float = 1e-3) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.reference_key = reference_key
+        self.atol = atol
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        reference = d[self.reference_key]
+        for key in self.key_iterator(d):
+            mask = d[key]
+            same_shape = tuple(mask.shape[1:]) == tuple(reference.shape[1:])
+            same_affine = True
+            if same_shape and isinstance(mask, MetaTensor) and isinstance(reference, MetaTensor):
+                affines = np.asarray(mask.affine), np.asarray(reference.affine)
+                same_affine = np.allclose(*affines, atol=self.atol)
+            if not (same_shape and same_affine):
+                raise ValueError(
+                    f"{source_name(mask)}: the {key} mask is not on the grid of its image "
+                    f"{source_name(reference)} (shape {tuple(mask.shape[1:])} against "
+                    f"{tuple(reference.shape[1:])}{', and another affine' if same_shape else ''})"
+                )
+        return d

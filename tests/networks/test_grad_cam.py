@@ -8,12 +8,12 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from monai.visualize import GradCAM
+from monai.visualize import GradCAM, GradCAMpp
 from torch import nn
 from torch.nn import functional as F
 
 from networks import ResNextPlus
-from networks.grad_cam import attention_and_pooled_grad_cam, slice_grad_cam
+from networks.grad_cam import CAM_METHODS, attention_and_pooled_grad_cam, class_activation_map, slice_grad_cam
 from tests.networks.test_resnext_plus import build, volumes
 
 SIZE, SLICES, RADIUS = 32, 4, 4
@@ -43,6 +43,58 @@ def test_equals_monai_grad_cam_on_the_whole_volume(chunk: int | None) -> None:
     subset = slice_grad_cam(model, x, [3, 1], chunk=chunk)
     torch.testing.assert_close(subset, maps[[3, 1]], rtol=1e-4, atol=1e-9)
     assert not model.training
+
+
+def test_grad_cam_plus_plus_equals_monai_up_to_its_positive_factor() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(1, 6, 3, padding=1),
+            act1=nn.ReLU(),
+            conv2=nn.Conv2d(6, 8, 3, padding=1, stride=2),
+            act2=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(8, 2),
+        )
+    ).eval()
+    x = torch.rand(3, 1, 16, 16)
+    reference = GradCAMpp(nn_module=model, target_layers="act2", postprocessing=lambda maps: maps)
+    captured = []
+    handle = model.act2.register_forward_hook(lambda _m, _i, output: captured.append(output))
+    logits = model(x)
+    handle.remove()
+    (grads,) = torch.autograd.grad(logits[:, 1].sum(), captured[0])
+    ours = class_activation_map(captured[0].detach(), grads, "gradcampp")
+    assert ours.abs().max() > 0
+    for item in range(3):  # MONAI broadcasts exp(score) correctly for one item at a time
+        expected = reference.compute_map(x[item : item + 1], class_idx=1, layer_idx=-1)[0, 0]
+        # MONAI scales the map by exp(score), a positive number
+        torch.testing.assert_close(ours[item] / ours[item].max(), expected / expected.max())
+
+
+def test_layer_cam_weights_each_cell_by_its_own_positive_gradient() -> None:
+    activations = torch.tensor([[[[1.0, 2.0]], [[3.0, 1.0]]]])  # (1, 2 channels, 1, 2)
+    grads = torch.tensor([[[[1.0, -1.0]], [[0.5, 2.0]]]])
+    expected = torch.tensor([[[1.0 * 1 + 3.0 * 0.5, 0.0 + 1.0 * 2.0]]])
+    torch.testing.assert_close(class_activation_map(activations, grads, "layercam"), expected)
+    # Grad-CAM weights each channel by its mean gradient: 0 and 1.25
+    torch.testing.assert_close(
+        class_activation_map(activations, grads, "gradcam"), torch.tensor([[[3.75, 1.25]]])
+    )
+    with pytest.raises(ValueError, match="method"):
+        class_activation_map(activations, grads, "cam")
+
+
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_every_method_from_the_inference_pass_equals_the_recomputed_maps(method: str) -> None:
+    model = build(seed=3, lstm_hidden=16, fc_hidden=16).eval()
+    x = volumes(1, 3, size=64)
+    _, _, cams = attention_and_pooled_grad_cam(model, x, method=method)
+    upsampled = F.interpolate(cams[0][:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    recomputed = slice_grad_cam(model, x, range(3), method=method, chunk=2)
+    assert recomputed.abs().max() > 0
+    torch.testing.assert_close(upsampled, recomputed, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("chunk", [None, 3])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 from pathlib import Path
 
@@ -55,6 +57,18 @@ def test_load_datalist_resolves_paths_and_keeps_fields(volumes: Path) -> None:
     assert all(Path(item["image"]).is_absolute() for item in loaded)
     assert loaded[0]["slice_labels"] == [0, 1, 1, 0, 0] and loaded[0]["case_id"] == "A"
     assert load_datalist(path, "validation", base_dir=volumes)[0]["label"] == 1
+
+
+def test_lesion_masks_resolve_like_images_and_missing_ones_are_reported(volumes: Path) -> None:
+    items = [
+        {"image": "images/a.nii.gz", "label": 1, "lesion": "images/b.nii.gz"},
+        {"image": "images/b.nii.gz", "label": 1, "lesion": "lesions/missing.nii.gz"},
+    ]
+    path = _write_datalist(volumes, {"training": items[:1], "validation": items})
+
+    assert load_datalist(path, "training")[0]["lesion"] == os.fspath(volumes / "images" / "b.nii.gz")
+    with pytest.raises(DatalistError, match=r"validation\[1\] \(images/b.nii.gz\): lesion mask not found"):
+        load_datalist(path, "validation")
 
 
 def test_every_problem_is_reported_at_once(volumes: Path) -> None:

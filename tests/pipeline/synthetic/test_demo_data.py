@@ -266,7 +266,7 @@ def test_datalist_splits_and_paths(tiny_demo_dataset):
         items = datalist[split]
         assert {item["label"] for item in items} == {0, 1}, f"both classes in {split}"
         for item in items:
-            assert set(item) == {"image", "label", "slice_labels"}
+            assert set(item) == {"image", "label", "slice_labels"} | ({"lesion"} if item["label"] else set())
             assert not Path(item["image"]).is_absolute()
             path = tiny_demo_dataset / item["image"]
             assert path.is_file(), item["image"]
@@ -277,6 +277,12 @@ def test_datalist_splits_and_paths(tiny_demo_dataset):
             assert len(item["slice_labels"]) == image.shape[2] == TINY_DEMO["slices"]
             assert set(item["slice_labels"]) <= {0, 1}
             assert any(item["slice_labels"]) == bool(item["label"])
+            if item["label"]:  # the lesion mask: uint8, on the image's grid, on the labelled slices
+                lesion = nib.load(tiny_demo_dataset / item["lesion"])
+                mask = np.asarray(lesion.dataobj)
+                assert lesion.get_data_dtype() == np.uint8 and mask.shape == image.shape
+                np.testing.assert_allclose(lesion.affine, image.affine)
+                assert mask.any(axis=(0, 1)).astype(int).tolist() == item["slice_labels"]
     assert len(seen) == TINY_DEMO["n_positive"] + TINY_DEMO["n_negative"]
     readme = (tiny_demo_dataset / "README.txt").read_text()
     assert f"Seed: {TINY_DEMO['seed']}" in readme and "Hounsfield" in readme

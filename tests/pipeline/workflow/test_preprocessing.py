@@ -275,3 +275,51 @@ def test_training_expands_the_sampled_slices_to_float32(preprocessed: dict[int, 
     data = chain(item)
 
     assert data["image"].dtype == torch.float32 and data["image"].shape == (2, 32, 32, 4)
+
+
+def test_lesion_mask_comes_onto_the_network_grid_with_the_image(
+    cases: dict[int, dict], tmp_path: Path
+) -> None:
+    item = cases[1]
+    lesion = np.asarray(nib.load(item["lesion"]).dataobj) > 0
+    chain = Compose(evaluation_transforms(lesion_key="lesion", **SIZES))
+
+    data = chain(item)
+    flipped = _flipped_copy(item, tmp_path)
+    flipped_lesion = tmp_path / "flipped_lesion.nii.gz"
+    scan = nib.load(item["lesion"])
+    flip = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, scan.shape[2] - 1], [0, 0, 0, 1]], dtype=float)
+    nib.save(
+        nib.Nifti1Image(np.asarray(scan.dataobj)[:, :, ::-1].copy(), scan.affine @ flip), str(flipped_lesion)
+    )
+    reoriented = chain({**flipped, "lesion": str(flipped_lesion)})
+
+    mask = data["lesion"]
+    assert mask.shape == (1, 32, 32, 8) and mask.dtype == torch.uint8
+    assert set(torch.unique(mask).tolist()) <= {0, 1} and mask.sum() > 0
+    # the slices that hold lesion voxels are those of the slice labels, in the network's order
+    assert mask[0].any(dim=0).any(dim=0).int().tolist() == [
+        int(any(lesion[..., k].ravel())) for k in range(8)
+    ]
+    assert torch.equal(reoriented["lesion"], mask)  # follows the reorientation of its image
+    assert "lesion" not in Compose(evaluation_transforms(lesion_key="lesion", **SIZES))(dict(cases[0]))
+
+
+def test_lesion_mask_off_its_image_grid_is_refused(cases: dict[int, dict], tmp_path: Path) -> None:
+    item = cases[1]
+    scan = nib.load(item["lesion"])
+    cropped = tmp_path / "cropped_lesion.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(scan.dataobj)[:-4].copy(), scan.affine), str(cropped))
+    chain = Compose(evaluation_transforms(lesion_key="lesion", **SIZES))
+
+    with pytest.raises(RuntimeError) as raised:  # Compose wraps the transform's error
+        chain({**item, "lesion": str(cropped)})
+    message = str(raised.value.__cause__)
+    assert "cropped_lesion.nii.gz: the lesion mask is not on the grid of its image" in message
+    assert "(60, 64, 8) against (64, 64, 8)" in message
+
+
+def test_training_drops_the_lesion_mask(preprocessed: dict[int, dict]) -> None:
+    item = {**preprocessed[1], "lesion": "lesions/positive_000.nii.gz"}
+    data = Compose(training_transforms(num_slices=4, augment=False))(item)
+    assert "lesion" not in data
