@@ -199,6 +199,7 @@ def make_demo_datalist(
             base_ct=base,
             val_fraction=settings.val_fraction,
             test_fraction=settings.test_fraction,
+            workers=os.cpu_count() or 1,
         )
         counts[source] = n_positive + n_negative
         for split, items in json.loads(Path(datalist).read_text()).items():

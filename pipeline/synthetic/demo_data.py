@@ -19,9 +19,12 @@ lesion-free twin (``with_lesions=False``) share anatomy, augmentation and noise.
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import os
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +163,7 @@ def make_demo_data(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     lesion_settings: LesionSettings | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write demo chest CT volumes, a decathlon-style ``datalist.json`` and a ``README.txt``.
 
@@ -184,6 +188,7 @@ def make_demo_data(
         val_fraction: fraction of each class in the validation split.
         test_fraction: fraction of each class in the test split.
         lesion_settings: lesion parameters (defaults: :class:`pipeline.synthetic.lesions.LesionSettings`).
+        workers: processes making the volumes (the bytes written do not depend on it).
 
     Returns:
         The path of ``datalist.json``.
@@ -205,22 +210,25 @@ def make_demo_data(
     else:
         base = load_base_scan(base_ct, size, slices) if base_ct is not None else None
 
-    items: dict[tuple[int, int], dict] = {}
-    for label, count in ((1, n_positive), (0, n_negative)):
-        for index in range(count):
-            if base is None:
-                volume = make_phantom_volume(
-                    label, index, size=size, slices=slices, seed=seed, lesion_settings=lesion_settings
-                )
-            else:
-                volume = make_base_volume(base, label, index, seed=seed, lesion_settings=lesion_settings)
-            name = _image_name(label, index)
-            write_nifti(out_dir / name, volume.hu, volume.affine)
-            items[label, index] = {"image": name, "label": label, "slice_labels": volume.slice_labels}
-            if label:
-                lesion_name = name.replace(IMAGES_DIR, LESIONS_DIR, 1)
-                write_nifti(out_dir / lesion_name, volume.lesions, volume.affine, dtype=np.uint8)
-                items[label, index][LESION_KEY] = lesion_name
+    jobs = [(label, index) for label, count in ((1, n_positive), (0, n_negative)) for index in range(count)]
+    write = functools.partial(
+        _write_volume,
+        out_dir,
+        base=base,
+        size=size,
+        slices=slices,
+        seed=seed,
+        lesion_settings=lesion_settings,
+    )
+    if workers > 1 and len(jobs) > 1:
+        # every volume has its own random streams, so the order of making them changes no byte
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            made = list(pool.map(write, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    else:
+        made = [write(job) for job in jobs]
+    items = dict(zip(jobs, made))
 
     datalist = {
         split: [items[label, index] for label in (1, 0) for index in by_label[label]]
@@ -231,6 +239,33 @@ def make_demo_data(
     readme = _readme(datalist, size, slices, seed, base, lesion_settings or LesionSettings())
     atomic_write_bytes(out_dir / "README.txt", readme.encode())
     return datalist_path
+
+
+def _write_volume(
+    out_dir: Path,
+    job: tuple[int, int],
+    base: BaseScan | None,
+    size: int,
+    slices: int,
+    seed: int,
+    lesion_settings: LesionSettings | None,
+) -> dict:
+    """Make and write volume ``index`` of class ``label`` (``job``); returns its datalist item."""
+    label, index = job
+    if base is None:
+        volume = make_phantom_volume(
+            label, index, size=size, slices=slices, seed=seed, lesion_settings=lesion_settings
+        )
+    else:
+        volume = make_base_volume(base, label, index, seed=seed, lesion_settings=lesion_settings)
+    name = _image_name(label, index)
+    write_nifti(out_dir / name, volume.hu, volume.affine)
+    item = {"image": name, "label": label, "slice_labels": volume.slice_labels}
+    if label:
+        lesion_name = name.replace(IMAGES_DIR, LESIONS_DIR, 1)
+        write_nifti(out_dir / lesion_name, volume.lesions, volume.affine, dtype=np.uint8)
+        item[LESION_KEY] = lesion_name
+    return item
 
 
 def _datalist_json(datalist: dict[str, list[dict]]) -> str:

@@ -233,7 +233,7 @@ def test_insert_lesions_fails_loudly_without_room():
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     kwargs = {"n_positive": 3, "n_negative": 3, "size": 48, "slices": 8}
     make_demo_data(tmp_path / "a", seed=11, **kwargs)
-    make_demo_data(tmp_path / "b", seed=11, **kwargs)
+    make_demo_data(tmp_path / "b", seed=11, workers=2, **kwargs)  # made in two processes
     make_demo_data(tmp_path / "c", seed=12, **kwargs)
     first, second, other = (_files(tmp_path / name) for name in "abc")
     assert first == second
