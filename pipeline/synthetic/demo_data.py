@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -222,9 +221,7 @@ def make_demo_data(
     )
     if workers > 1 and len(jobs) > 1:
         # every volume has its own random streams, so the order of making them changes no byte
-        with ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
             made = list(pool.map(write, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
     else:
         made = [write(job) for job in jobs]
