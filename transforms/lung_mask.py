@@ -99,6 +99,7 @@ def find_lungs(
     max_hull_ratio: float = 2.0,
     max_hull_depth_mm: float = 20.0,
     dilation_mm: float = 5.0,
+    max_dilation_growth: float | None = 1.6,
     head_last: bool = True,
     name: str = "<array>",
 ) -> LungSegmentation:
@@ -125,7 +126,10 @@ def find_lungs(
            regions that lie within ``max_hull_depth_mm`` of the piece: vessels and lesions at the lung's edge
            are filled in, the heart that a lung wraps around is not swallowed.
         4. Dilation by ``dilation_mm``: an exact ball in mm (an ellipsoid in voxels), from in-plane
-           Euclidean distance transforms stacked across the slices.
+           Euclidean distance transforms stacked across the slices. Where that would make the mask
+           more than ``max_dilation_growth`` times the lungs (thin lungs: the bases at the top of an
+           abdominal CT), the radius shrinks until it does not; a whole chest grows far less (about
+           1.3 times at 5 mm) and keeps the full radius.
 
     Args:
         volume_hu: CT volume ``(H, W, D)`` in Hounsfield units, axial slices along the last axis.
@@ -143,6 +147,8 @@ def find_lungs(
         max_hull_depth_mm: a region the hull adds is dropped when part of it lies farther than this from
             the lung.
         dilation_mm: dilation radius; 0 returns the lungs themselves.
+        max_dilation_growth: the most the dilation may grow the mask, as a multiple of the lungs'
+            volume (``None``: no bound).
         head_last: the axial slices run from the feet (index 0) to the head, as in RAS orientation;
             ``False`` for head first.
         name: source of the volume, for error messages.
@@ -196,7 +202,7 @@ def find_lungs(
     lungs_box = _convex_hull_per_slice(lung_labels, num_lungs, max_hull_ratio, max_hull_depth_mm, spacing)
     lung_volume_l = float(np.count_nonzero(lungs_box)) * voxel_ml / 1000.0
     if dilation_mm > 0:
-        lungs_box = _dilate(lungs_box, dilation_mm, spacing)
+        lungs_box = _bounded_dilation(lungs_box, dilation_mm, spacing, max_dilation_growth)
     mask = np.zeros(volume_hu.shape, dtype=bool)
     mask[box] = lungs_box
     return LungSegmentation(mask=mask, lung_volume_l=lung_volume_l, num_lungs=num_lungs)
@@ -215,6 +221,7 @@ def segment_lungs(
     max_hull_ratio: float = 2.0,
     max_hull_depth_mm: float = 20.0,
     dilation_mm: float = 5.0,
+    max_dilation_growth: float | None = 1.6,
     head_last: bool = True,
     name: str = "<array>",
 ) -> np.ndarray:
@@ -237,6 +244,7 @@ def segment_lungs(
         max_hull_ratio=max_hull_ratio,
         max_hull_depth_mm=max_hull_depth_mm,
         dilation_mm=dilation_mm,
+        max_dilation_growth=max_dilation_growth,
         head_last=head_last,
         name=name,
     ).mask
@@ -578,6 +586,25 @@ def _shallow_regions(
     return np.asarray(keep)[regions]
 
 
+def _bounded_dilation(
+    mask: np.ndarray, radius_mm: float, spacing: np.ndarray, max_growth: float | None, steps: int = 8
+) -> np.ndarray:
+    """``mask`` dilated by ``radius_mm``, or by the largest radius (bisected) within ``max_growth``."""
+    dilated = _dilate(mask, radius_mm, spacing)
+    limit = None if max_growth is None else max_growth * np.count_nonzero(mask)
+    if limit is None or np.count_nonzero(dilated) <= limit:
+        return dilated
+    low, high, best = 0.0, radius_mm, mask
+    for _ in range(steps):
+        middle = (low + high) / 2
+        candidate = _dilate(mask, middle, spacing)
+        if np.count_nonzero(candidate) <= limit:
+            low, best = middle, candidate
+        else:
+            high = middle
+    return best
+
+
 def _dilate(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
     """Voxels within ``radius_mm`` (Euclidean, in mm) of ``mask``; the caller leaves a margin around it.
 
@@ -641,6 +668,8 @@ class LungMask(Transform):
         max_hull_depth_mm: a region the convex hull adds is dropped when part of it lies farther than this
             from the lung (the heart).
         dilation_mm: dilation radius in mm; 0 for the lungs themselves.
+        max_dilation_growth: the most the dilation may grow the mask, as a multiple of the lungs' volume
+            (thin lung bases get a smaller radius; ``None``: no bound).
         spacing_mm: voxel size to use instead of the image's meta data.
         head_last: whether the axial slices run from the feet to the head; ``None`` reads it from the
             MetaTensor's affine (plain arrays: ``True``, as after ``Orientation("RAS")``).
@@ -667,6 +696,7 @@ class LungMask(Transform):
         max_hull_ratio: float = 2.0,
         max_hull_depth_mm: float = 20.0,
         dilation_mm: float = 5.0,
+        max_dilation_growth: float | None = 1.6,
         spacing_mm: Sequence[float] | None = None,
         head_last: bool | None = None,
         on_failure: str = "raise",
@@ -680,6 +710,8 @@ class LungMask(Transform):
             raise ValueError(f"max_lungs must be at least 1, got {max_lungs}")
         if dilation_mm < 0 or smooth_sigma_mm < 0:
             raise ValueError("dilation_mm and smooth_sigma_mm must not be negative")
+        if max_dilation_growth is not None and max_dilation_growth < 1:
+            raise ValueError(f"max_dilation_growth must be at least 1 or None, got {max_dilation_growth}")
         self.threshold_hu = threshold_hu
         self.smooth_sigma_mm = smooth_sigma_mm
         self.min_component_ml = min_component_ml
@@ -689,6 +721,7 @@ class LungMask(Transform):
         self.max_hull_ratio = max_hull_ratio
         self.max_hull_depth_mm = max_hull_depth_mm
         self.dilation_mm = dilation_mm
+        self.max_dilation_growth = max_dilation_growth
         self.spacing_mm = None if spacing_mm is None else tuple(float(s) for s in spacing_mm)
         self.head_last = head_last
         self.on_failure = on_failure
@@ -717,6 +750,7 @@ class LungMask(Transform):
                 max_hull_ratio=self.max_hull_ratio,
                 max_hull_depth_mm=self.max_hull_depth_mm,
                 dilation_mm=self.dilation_mm,
+                max_dilation_growth=self.max_dilation_growth,
                 head_last=self.head_last if self.head_last is not None else _head_last(img),
                 name=name,
             )
@@ -743,8 +777,8 @@ class LungMaskd(MapTransform):
         mask_key: key (or one key per image key) under which to store the uint8 mask ``(1, H, W, D)``.
         allow_missing_keys: don't raise when a key is missing.
         threshold_hu, smooth_sigma_mm, min_component_ml, lung_volume_l, max_lungs, min_lung_fraction,
-            max_hull_ratio, max_hull_depth_mm, dilation_mm, spacing_mm, head_last, on_failure, check_hu: see
-            :class:`LungMask`.
+            max_hull_ratio, max_hull_depth_mm, dilation_mm, max_dilation_growth, spacing_mm, head_last,
+            on_failure, check_hu: see :class:`LungMask`.
     """
 
     backend = LungMask.backend
@@ -763,6 +797,7 @@ class LungMaskd(MapTransform):
         max_hull_ratio: float = 2.0,
         max_hull_depth_mm: float = 20.0,
         dilation_mm: float = 5.0,
+        max_dilation_growth: float | None = 1.6,
         spacing_mm: Sequence[float] | None = None,
         head_last: bool | None = None,
         on_failure: str = "raise",
@@ -780,6 +815,7 @@ class LungMaskd(MapTransform):
             max_hull_ratio=max_hull_ratio,
             max_hull_depth_mm=max_hull_depth_mm,
             dilation_mm=dilation_mm,
+            max_dilation_growth=max_dilation_growth,
             spacing_mm=spacing_mm,
             head_last=head_last,
             on_failure=on_failure,

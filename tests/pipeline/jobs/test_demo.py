@@ -46,6 +46,12 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     test_slices = [label for item in datalist["test"] for label in item["slice_labels"]]
     assert metrics["slice"]["prevalence"] == pytest.approx(sum(test_slices) / len(test_slices))
     assert _in_unit_range(metrics["slice"]["trivial_f1"])
+    localisation = metrics["localisation"]  # heatmaps against the lesion masks of the positives
+    positives = [item for item in datalist["test"] if item["label"] == 1]
+    assert localisation["volumes"] == len(positives)
+    assert 0 < localisation["slices"] <= sum(sum(item["slice_labels"]) for item in positives)
+    assert _in_unit_range(localisation["pointing_game"]) and _in_unit_range(localisation["pixel_auc"])
+    assert metrics["heatmap"] == {"layer": "encoder.backbone.layer4", "method": "gradcam", "in_lung": False}
 
     predictions = _read(out / "inference" / "predictions.csv")
     assert {row["case_id"] for row in predictions} == test_ids
@@ -61,6 +67,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         "## Calibration of P(COVID-19) (test split)",
         "## Training curves",
         "## Slice attention of test volumes",
+        "## Localisation",
     ):
         assert heading in report
     value = r"[0-9.na/-]+(?: \[[0-9.]+, [0-9.]+\])?"  # a metric and its bootstrap interval
@@ -85,6 +92,7 @@ def test_demo_datalist_merges_real_and_phantom_volumes(tmp_path: Path, real_ct_d
     assert counts == {"real": 8, "phantom": 8}
     assert len(items) == 16 and len({item["case_id"] for item in items}) == 16
     assert all((tmp_path / item["image"]).is_file() for item in items)
+    assert all((tmp_path / item["lesion"]).is_file() for item in items if item["label"] == 1)
     for split in ("training", "validation", "test"):
         sources = {item["case_id"].split("_")[0] for item in datalist[split]}
         labels = {item["label"] for item in datalist[split]}
