@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.data.datalist import LESION_KEY
 from pipeline.synthetic.base_ct import BASE_CT_SERIES, CACHE_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,15 @@ def real_ct_dir() -> Path:
     if not REAL_CT_DIR.is_dir():
         pytest.skip(f"real CT series not found at {REAL_CT_DIR}")
     return REAL_CT_DIR
+
+
+def with_absolute_paths(item: dict, base_dir: Path) -> dict:
+    """A copy of a data list item whose image and lesion mask paths are absolute under ``base_dir``.
+
+    For tests that write a demo data set's items into a data list of another folder.
+    """
+    paths = {key: os.fspath(base_dir / item[key]) for key in ("image", LESION_KEY) if key in item}
+    return {**item, **paths}
 
 
 TINY_DEMO = {"n_positive": 4, "n_negative": 4, "size": 64, "slices": 8, "seed": 0}

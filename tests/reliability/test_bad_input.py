@@ -23,7 +23,7 @@ from monai.transforms import Compose
 from pipeline.data.cases import dicom_series
 from pipeline.data.datalist import DatalistError, check_datalist
 from pipeline.workflow.preprocessing import evaluation_transforms
-from tests.conftest import BUNDLE_DIR
+from tests.conftest import BUNDLE_DIR, with_absolute_paths
 from tests.pipeline.data.test_cases import write_dicom_series
 from tests.reliability.conftest import BAD_INPUTS, HANDLED_INPUTS, demo_volume
 from transforms import LungMask, NoLungFoundError, ToneMap
@@ -147,7 +147,7 @@ def test_data_list_reports_every_problem_before_training(battery: Path, tiny_dem
     items = [{"image": str(battery / name), "label": 0} for name in header_problems]
     items += [
         {"image": str(battery / "missing.nii.gz"), "label": 0},
-        {**good, "image": str(tiny_demo_dataset / good["image"]), "label": 2},
+        {**with_absolute_paths(good, tiny_demo_dataset), "label": 2},
         {"image": str(battery / "one_slice.nii.gz"), "label": True},
         {"image": str(battery / "non_square.nii.gz"), "label": 1, "slice_labels": [0, 1, 1]},
         {"image": str(battery / "anisotropic.nii.gz"), "label": 0, "slice_labels": [0, 2] + [0] * 6},
@@ -187,10 +187,11 @@ def test_each_series_of_a_dicom_folder_is_read_as_named(battery: Path, tiny_demo
 def test_training_stops_at_the_first_volume_that_is_not_hu(
     battery: Path, tiny_demo_dataset: Path, tmp_path: Path
 ) -> None:
-    splits = json.loads((tiny_demo_dataset / "datalist.json").read_text())
-    for items in splits.values():
-        for item in items:
-            item["image"] = str(tiny_demo_dataset / item["image"])
+    demo_splits = json.loads((tiny_demo_dataset / "datalist.json").read_text())
+    splits = {
+        split: [with_absolute_paths(item, tiny_demo_dataset) for item in items]
+        for split, items in demo_splits.items()
+    }
     splits["training"] = [{"image": str(battery / "range_0_255.nii.gz"), "label": 0}]  # header is fine
     (tmp_path / "datalist.json").write_text(json.dumps(splits))
     workflow = ConfigWorkflow(

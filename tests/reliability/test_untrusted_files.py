@@ -29,7 +29,7 @@ from pipeline.data.datalist import DatalistError, load_datalist
 from pipeline.workflow.checkpoints import UnsafeCheckpointError, load_checkpoint
 from pipeline.workflow.handlers import CheckpointRestorer
 from pipeline.workflow.preprocessing import cache_subdir, evaluation_transforms
-from tests.conftest import BUNDLE_DIR
+from tests.conftest import BUNDLE_DIR, with_absolute_paths
 from tests.reliability.conftest import SMALL_NETWORK
 
 CONFIGS = BUNDLE_DIR / "configs"
@@ -247,7 +247,7 @@ CODE_LIKE = "$__import__('pathlib').Path('code_ran.txt').touch()"
 
 def _code_like_datalist(folder: Path, dataset: Path) -> Path:
     splits = json.loads((dataset / "datalist.json").read_text())
-    items = [{**item, "image": os.fspath(dataset / item["image"])} for item in splits["test"]]
+    items = [with_absolute_paths(item, dataset) for item in splits["test"]]
     items[0]["case_id"] = CODE_LIKE
     items[1]["note"] = "@network_def"
     items.append({"image": CODE_LIKE, "label": 0})

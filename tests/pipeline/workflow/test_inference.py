@@ -20,6 +20,7 @@ import pytest
 import torch
 from monai.transforms import Compose, LoadImaged
 
+from pipeline.data.datalist import LESION_KEY
 from pipeline.jobs.demo import run_bundle
 from pipeline.workflow.inference import (
     ERROR_KEY,
@@ -28,7 +29,7 @@ from pipeline.workflow.inference import (
     is_failed,
 )
 from pipeline.workflow.preprocessing_transforms import SeriesLoadImaged
-from tests.conftest import BUNDLE_DIR, REPO_ROOT
+from tests.conftest import BUNDLE_DIR, REPO_ROOT, with_absolute_paths
 from tests.pipeline.data.test_cases import write_dicom_series
 from transforms.validation import InvalidVolumeError
 
@@ -133,9 +134,9 @@ def test_datalist_split_with_labels_and_reoriented_slices(
     nib.save(flipped, tmp_path / "flipped.nii.gz")
     datalist = {
         "test": [
-            {**item, "image": os.fspath(tiny_demo_dataset / item["image"])},
+            with_absolute_paths(item, tiny_demo_dataset),
             {
-                **item,
+                **{key: value for key, value in item.items() if key != LESION_KEY},  # not on the flipped grid
                 "image": os.fspath(tmp_path / "flipped.nii.gz"),
                 "slice_labels": item["slice_labels"][::-1],
             },
