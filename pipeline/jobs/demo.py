@@ -626,11 +626,12 @@ def _reading(auc: float | None) -> list[str]:
     return [
         "## Reading",
         f"The test ROC AUC of {auc:.3f} is near chance: the network has not learned the task. "
-        "ResNext+ trains here from random weights (no ImageNet weights can be fetched), and from "
-        "scratch it needs a few hundred steps of several volumes each before it finds the lesions "
-        f"(the default demo: {DEFAULT.epochs} epochs over {volumes} volumes, {DEFAULT.batch_size} "
-        "per step; see `docs/results.md`). Train longer, on more volumes, or give the bundle an "
-        "ImageNet file (`pretrained`); the outputs above show the whole job either way.",
+        "ResNext+ trains here from random weights (no ImageNet weights can be fetched); on lesions "
+        "of realistic slice extent the demo's budget "
+        f"({DEFAULT.epochs} epochs over {volumes} volumes, {DEFAULT.batch_size} per step) has not been "
+        "enough, nor were five epochs over 1,200 volumes (see `docs/results.md`). Give the bundle "
+        "an ImageNet file (`pretrained`) or train far longer; the outputs above show the whole job "
+        "either way, and the localisation table then reads as chance.",
     ]
 
 
