@@ -68,6 +68,7 @@ from pipeline.jobs.demo import (
     run_bundle,
 )
 from pipeline.synthetic.base_ct import AUTO_BASE_CT, resolve_base_ct
+from pipeline.workflow.precision import cpu_has_native_bf16
 
 __all__ = [
     "BUDGETS",
@@ -103,6 +104,8 @@ class Budget:
         lstm_hidden, fc_hidden: sizes of the BiLSTM (per direction) and of the classifier.
         lr_min, lr_max, lr_half_cycle_epochs: the cyclic learning rate.
         num_workers: data loader processes.
+        bf16_training: train under bfloat16 autocast where the CPU has native bfloat16 (as the
+            demo does); float32 elsewhere.
         overrides: more bundle overrides shared by every run of the budget.
         description: one line on what the budget is for.
     """
@@ -127,12 +130,33 @@ class Budget:
     lr_max: float = 1e-4
     lr_half_cycle_epochs: float = 2.0
     num_workers: int = 1
+    bf16_training: bool = False
     overrides: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
     @classmethod
     def from_demo_settings(cls, settings: DemoSettings, name: str, description: str) -> Budget:
-        """The demo's data and training recipe as a budget: the network input is the whole volume."""
+        """The demo's data and training recipe as a budget: the network input is the whole slice.
+
+        ``description`` is prefixed with the recipe's numbers (volumes, size, test volumes,
+        epochs, volumes per step, slices sampled per step).
+        """
+        volumes = settings.real_positive + settings.real_negative
+        volumes += settings.phantom_positive + settings.phantom_negative
+        test = sum(
+            max(1, round(count * settings.test_fraction)) if count else 0
+            for count in (
+                settings.real_positive,
+                settings.real_negative,
+                settings.phantom_positive,
+                settings.phantom_negative,
+            )
+        )
+        slices = settings.train_slices or settings.slices
+        recipe = (
+            f"{volumes} volumes of {settings.size} x {settings.size} x {settings.slices} ({test} test), "
+            f"{settings.epochs} epochs of {settings.batch_size} volumes per step on {slices} slices each"
+        )
         return cls(
             name=name,
             real_positive=settings.real_positive,
@@ -143,7 +167,7 @@ class Budget:
             slices=settings.slices,
             resize_size=settings.size,
             spatial_size=settings.size,
-            num_slices=settings.slices,
+            num_slices=settings.train_slices or settings.slices,
             epochs=settings.epochs,
             batch_size=settings.batch_size,
             val_fraction=settings.val_fraction,
@@ -152,8 +176,9 @@ class Budget:
             lr_max=settings.lr_max,
             lr_half_cycle_epochs=settings.lr_half_cycle_epochs,
             num_workers=settings.num_workers,
+            bf16_training=settings.bf16_training,
             overrides=dict(settings.overrides),
-            description=description,
+            description=f"{recipe}, {description}",
         )
 
     def demo_settings(self, seed: int) -> DemoSettings:
@@ -197,8 +222,7 @@ BUDGETS: dict[str, Budget] = {
     "cpu": Budget.from_demo_settings(
         DEFAULT,
         name="cpu",
-        description="800 volumes of 48 x 48 x 8 (80 test), three epochs of four volumes per step, "
-        "from scratch, the demo's recipe; sized for about an hour on a 2-core CPU",
+        description="from scratch, the demo's recipe; sized for about an hour on a 2-core CPU",
     ),
     "gpu": Budget(
         name="gpu",
@@ -309,6 +333,7 @@ def bundle_overrides(budget: Budget, seed: int, datalist: Path, run_dir: Path, c
         "lstm_hidden": budget.lstm_hidden,
         "fc_hidden": budget.fc_hidden,
         "progress_bar": False,
+        "cpu_bf16_training": budget.bf16_training and cpu_has_native_bf16(),
         **dict(budget.overrides),
     }
 

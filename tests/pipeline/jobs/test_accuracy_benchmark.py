@@ -21,8 +21,16 @@ from pipeline.export.results_tables import (
     seed_summary,
     slice_baseline_table,
 )
-from pipeline.jobs.accuracy_benchmark import BUDGETS, RUNS, run_accuracy_benchmark, select_runs
+from pipeline.jobs.accuracy_benchmark import (
+    BUDGETS,
+    RUNS,
+    bundle_overrides,
+    run_accuracy_benchmark,
+    select_runs,
+)
 from pipeline.jobs.cli import main
+from pipeline.jobs.demo import DEFAULT
+from pipeline.workflow.precision import cpu_has_native_bf16
 
 TABLE1_ROWS = ("Orig.", "Stoc. Enh.", "Tone Enh.")
 TABLE2_ROWS = ("N-SCA", "N-MSCA", "N-SLA", "Proposed")
@@ -242,3 +250,22 @@ def test_slice_baseline_table_puts_the_trivial_rule_beside_the_model() -> None:
     assert len(lines) == 2 + 2, "no rows for a run without slice attention"
     assert lines[2] == "| Proposed | paper rule | 0.200 | 0.400 | 0.500 | n/a | n/a |"
     assert lines[3] == "| Proposed | tuned rule | 0.200 | 0.400 | 0.400 | 0.300 | 0.100 |"
+
+
+def test_the_cpu_budget_trains_as_the_default_demo_does(tmp_path: Path) -> None:
+    budget = BUDGETS["cpu"]
+    overrides = bundle_overrides(budget, 0, tmp_path / "datalist.json", tmp_path / "run", tmp_path / "cache")
+
+    assert (budget.size, budget.slices, budget.epochs, budget.batch_size) == (
+        DEFAULT.size,
+        DEFAULT.slices,
+        DEFAULT.epochs,
+        DEFAULT.batch_size,
+    )
+    assert overrides["num_slices"] == DEFAULT.train_slices  # sampled per training step, as in the demo
+    assert overrides["cpu_bf16_training"] == (DEFAULT.bf16_training and cpu_has_native_bf16())
+    volumes = budget.real_positive + budget.real_negative + budget.phantom_positive + budget.phantom_negative
+    assert budget.description.startswith(
+        f"{volumes} volumes of {DEFAULT.size} x {DEFAULT.size} x {DEFAULT.slices} ("
+    )
+    assert f"on {DEFAULT.train_slices} slices each" in budget.description
