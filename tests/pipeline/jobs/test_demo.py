@@ -83,6 +83,17 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for image in images:
         assert matplotlib.image.imread(out / image).ndim == 3
 
+    # every heatmap setting scored on the run's test split, against the same lesion slices
+    assert main(["compare-heatmaps", str(out), "--splits", "test"]) == 0
+    study = json.loads((out / "heatmap_study.json").read_text())["test"]
+    assert len(study) == 3 * 3 * 2
+    assert {row["slices"] for row in study.values()} == {localisation["slices"]}
+    default = study["layer4 gradcam"]  # a second evaluation: float rounding may swap near-tied pixels
+    assert default["pixel_auc"] == pytest.approx(localisation["pixel_auc"], abs=1e-3)
+    for name, row in study.items():
+        unmasked = study[name.removesuffix(" x lung")]  # the pixel AUC is measured within the lung,
+        assert row["pixel_auc"] == pytest.approx(unmasked["pixel_auc"], abs=1e-6)  # so the mask can't move it
+
 
 def test_demo_datalist_merges_real_and_phantom_volumes(tmp_path: Path, real_ct_dir: Path) -> None:
     settings = QUICK
