@@ -46,6 +46,7 @@ from pipeline.export.figures import plot_precision_recall, plot_reliability, plo
 from pipeline.export.heatmap_export import HEATMAP_PNG
 from pipeline.export.report import AttentionExample, Report
 from pipeline.synthetic.base_ct import AUTO_BASE_CT, resolve_base_ct
+from pipeline.synthetic.lesions import LesionSettings
 from pipeline.workflow.precision import cpu_has_native_bf16
 
 __all__ = [
@@ -106,6 +107,8 @@ class DemoSettings:
             faster than two when other work shares the CPU; the default demo trains batches of
             four volumes, which use both cores well.
         seed: seed of the data and of training.
+        lesions: size, density, slice extent and placement of the positives' lesions (the
+            default: the slice extent of real COVID-19 CT).
         examples: test volumes shown with their attention figures in the report.
         overrides: more bundle overrides (``id -> value``) for training, evaluation and
             inference. By default every training volume is seen once per epoch as it is
@@ -132,6 +135,7 @@ class DemoSettings:
     num_workers: int = 1
     threads: int | None = None
     seed: int = 0
+    lesions: LesionSettings = field(default_factory=LesionSettings)
     examples: int = 4
     overrides: Mapping[str, Any] = field(
         default_factory=lambda: {"class_balance": False, "augment_positives": False}
@@ -210,6 +214,7 @@ def make_demo_datalist(
             base_ct=base,
             val_fraction=settings.val_fraction,
             test_fraction=settings.test_fraction,
+            lesion_settings=settings.lesions,
             workers=os.cpu_count() or 1,
         )
         counts[source] = n_positive + n_negative
@@ -302,7 +307,7 @@ def demo_run_overrides(out_dir: str | os.PathLike) -> dict[str, Any]:
     """
     out_dir = Path(out_dir)
     record = json.loads((out_dir / "settings.json").read_text())
-    known = {item.name for item in fields(DemoSettings)}
+    known = {item.name for item in fields(DemoSettings)} - {"lesions"}  # the data are made already
     settings = DemoSettings(**{key: value for key, value in record.items() if key in known})
     return _bundle_overrides(out_dir, out_dir / "data" / "datalist.json", settings)
 

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.image
@@ -14,6 +15,7 @@ import pytest
 from pipeline.export.report import AttentionExample, Report
 from pipeline.jobs.cli import main
 from pipeline.jobs.demo import QUICK, _calibration, _heatmap_figures, _reading, make_demo_datalist
+from pipeline.synthetic.lesions import LesionSettings
 
 METRICS = ("acc", "pre", "rec", "f1", "sen", "spe", "auc")
 
@@ -108,6 +110,18 @@ def test_demo_datalist_merges_real_and_phantom_volumes(tmp_path: Path, real_ct_d
         sources = {item["case_id"].split("_")[0] for item in datalist[split]}
         labels = {item["label"] for item in datalist[split]}
         assert sources == {"real", "phantom"} and labels == {0, 1}
+
+
+def test_demo_lesions_follow_the_settings(tmp_path: Path) -> None:
+    half = LesionSettings(extent_quantiles=((0.0, 0.5), (1.0, 0.5)))  # every positive: half its slices
+    path, _ = make_demo_datalist(tmp_path, replace(QUICK, lesions=half), None)
+
+    splits = json.loads(path.read_text()).values()
+    touched = sorted(sum(item["slice_labels"]) for items in splits for item in items if item["label"])
+    assert len(touched) == QUICK.real_positive + QUICK.phantom_positive
+    half_the_slices = QUICK.slices // 2
+    assert touched[len(touched) // 2] == touched[-1] == half_the_slices
+    assert touched[0] >= half_the_slices - 1  # one fewer where the lungs leave a lesion no room
 
 
 def test_demo_without_the_real_ct_uses_phantoms_only(tmp_path: Path) -> None:
