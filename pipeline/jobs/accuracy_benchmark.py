@@ -68,6 +68,7 @@ from pipeline.jobs.demo import (
     run_bundle,
 )
 from pipeline.synthetic.base_ct import AUTO_BASE_CT, resolve_base_ct
+from pipeline.synthetic.demo_data import split_volumes
 from pipeline.workflow.precision import cpu_has_native_bf16
 
 __all__ = [
@@ -141,20 +142,22 @@ class Budget:
         ``description`` is prefixed with the recipe's numbers (volumes, size, test volumes,
         epochs, volumes per step, slices sampled per step).
         """
-        volumes = settings.real_positive + settings.real_negative
-        volumes += settings.phantom_positive + settings.phantom_negative
+        sources = (
+            (settings.real_positive, settings.real_negative),
+            (settings.phantom_positive, settings.phantom_negative),
+        )
         test = sum(
-            max(1, round(count * settings.test_fraction)) if count else 0
-            for count in (
-                settings.real_positive,
-                settings.real_negative,
-                settings.phantom_positive,
-                settings.phantom_negative,
-            )
+            len(indices)
+            for positive, negative in sources
+            if positive + negative
+            for indices in split_volumes(
+                positive, negative, settings.val_fraction, settings.test_fraction, settings.seed
+            )["test"].values()
         )
         slices = settings.train_slices or settings.slices
         recipe = (
-            f"{volumes} volumes of {settings.size} x {settings.size} x {settings.slices} ({test} test), "
+            f"{settings.volumes} volumes of {settings.size} x {settings.size} x {settings.slices} "
+            f"({test} test), "
             f"{settings.epochs} epochs of {settings.batch_size} volumes per step on {slices} slices each"
         )
         return cls(

@@ -141,6 +141,11 @@ class DemoSettings:
         default_factory=lambda: {"class_balance": False, "augment_positives": False}
     )
 
+    @property
+    def volumes(self) -> int:
+        """All the demo's volumes: real-CT and phantom, both classes."""
+        return self.real_positive + self.real_negative + self.phantom_positive + self.phantom_negative
+
 
 DEFAULT = DemoSettings()
 """The default demo: 500 volumes of 96 x 96 x 16, two epochs of four volumes per step on 8 of their
@@ -625,18 +630,15 @@ def _reading(auc: float | None) -> list[str]:
     """A paragraph for the report when the test AUC says the network has not learned the task."""
     if auc is None or not auc < CHANCE_AUC_BELOW:
         return []
-    volumes = (
-        DEFAULT.real_positive + DEFAULT.real_negative + DEFAULT.phantom_positive + DEFAULT.phantom_negative
-    )
     return [
         "## Reading",
         f"The test ROC AUC of {auc:.3f} is near chance: the network has not learned the task. "
         "ResNext+ trains here from random weights (no ImageNet weights can be fetched); on lesions "
         "of realistic slice extent the demo's budget "
-        f"({DEFAULT.epochs} epochs over {volumes} volumes, {DEFAULT.batch_size} per step) has not been "
-        "enough, nor were five epochs over 1,200 volumes (see `docs/results.md`). Give the bundle "
-        "an ImageNet file (`pretrained`) or train far longer; the outputs above show the whole job "
-        "either way, and the localisation table then reads as chance.",
+        f"({DEFAULT.epochs} epochs over {DEFAULT.volumes} volumes, {DEFAULT.batch_size} per step) "
+        "has not been enough, nor were five epochs over 1,200 volumes (see `docs/results.md`). "
+        "Give the bundle an ImageNet file (`pretrained`) or train far longer; the outputs above "
+        "show the whole job either way, and the localisation table then reads as chance.",
     ]
 
 
