@@ -89,7 +89,8 @@ def tune_slice_rule(probabilities: Any, scores: Any, labels: Any) -> TunedSliceR
         k = int(np.argmax(f1))
         if f1[k] > best.f1 + 1e-12:
             last = cuts[k]
-            below = ranked_scores[last + 1] if last + 1 < ranked_scores.size else ranked_scores[last] - 1.0
+            # calling every slice: halfway down to 0, as scores (attention x N) are positive
+            below = ranked_scores[last + 1] if last + 1 < ranked_scores.size else 0.0
             best = TunedSliceRule(
                 tau=float((ranked_scores[last] + below) / 2), threshold=float(threshold), f1=float(f1[k])
             )

@@ -65,6 +65,15 @@ def test_tuned_rule_calls_more_slices_when_attention_is_peaked_but_lesions_are_w
     assert slice_predictions(attention, True, tuned.tau).tolist() == truth.tolist()
 
 
+def test_calling_every_slice_keeps_tau_positive():
+    # every slice of the positive volume is diseased: the best rule calls all of them
+    scores = np.array([0.2, 1.5, 2.0, 0.3])
+    tuned = tune_slice_rule([0.9] * 4 + [0.1] * 4, np.tile(scores, 2), [1] * 4 + [0] * 4)
+    assert tuned.f1 == pytest.approx(1.0)
+    assert tuned.tau == pytest.approx(0.1)
+    assert slice_predictions(scores / 4, True, tuned.tau).all()
+
+
 def test_without_positive_slices_the_paper_rule_stays():
     tuned = tune_slice_rule([0.9] * 4, [2.0, 1.0, 0.5, 0.5], [0, 0, 0, 0])
     assert (tuned.tau, tuned.threshold, tuned.f1) == (*PAPER_RULE, 0.0)
