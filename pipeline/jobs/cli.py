@@ -32,8 +32,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.fetch_base_ct and not args.phantoms_only and os.fspath(args.base_ct) == AUTO_BASE_CT:
         _fetch_or_say_why(None, then="; the demo goes on with phantoms only")
-    settings = with_overrides(QUICK if args.quick else DEFAULT, seed=args.seed)
+    pretrained = os.fspath(args.pretrained) if args.pretrained else None
+    settings = with_overrides(QUICK if args.quick else DEFAULT, seed=args.seed, pretrained=pretrained)
     command = "python -m pipeline demo" + (" --quick" if args.quick else "")
+    command += f" --pretrained {pretrained}" if pretrained else ""
     base_ct = _base_ct(args)
     result = run_demo(args.out, settings, base_ct=base_ct, progress=not args.no_progress, command=command)
     print(summary_line(result))
@@ -195,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="a one- to two-minute smoke run on tiny data")
     demo.add_argument("--seed", type=int, default=None, help="seed of the data and of training (default: 0)")
+    demo.add_argument(
+        "--pretrained",
+        type=Path,
+        default=None,
+        help="ImageNet weights of resnext50_32x4d (a local torchvision state-dict file) to start from",
+    )
     _add_base_ct_arguments(demo)
     demo.add_argument(
         "--fetch-base-ct",

@@ -107,6 +107,9 @@ class DemoSettings:
             faster than two when other work shares the CPU; the default demo trains batches of
             four volumes, which use both cores well.
         seed: seed of the data and of training.
+        pretrained: a local file of ImageNet weights in torchvision's ``resnext50_32x4d``
+            layout for the ResNeXt backbone, as the paper started from (``None``: random weights;
+            nothing is downloaded).
         lesions: size, density, slice extent and placement of the positives' lesions (the
             default: the slice extent of real COVID-19 CT).
         examples: test volumes shown with their attention figures in the report.
@@ -135,6 +138,7 @@ class DemoSettings:
     num_workers: int = 1
     threads: int | None = None
     seed: int = 0
+    pretrained: str | None = None
     lesions: LesionSettings = field(default_factory=LesionSettings)
     examples: int = 4
     overrides: Mapping[str, Any] = field(
@@ -531,8 +535,8 @@ def write_demo_report(
         + f" ({', '.join(f'{n} {split}' for split, n in split_sizes.items())})",
         "volume size": f"{settings.size} x {settings.size} x {settings.slices} (all slices scored"
         + (f", {settings.train_slices} sampled per training step)" if settings.train_slices else ")"),
-        "training": f"{settings.epochs} epoch(s) from scratch, {settings.batch_size} volume(s) per step, "
-        + learning_rate_text(settings.lr_min, settings.lr_max),
+        "training": f"{settings.epochs} epoch(s) {_start_text(settings)}, "
+        + f"{settings.batch_size} volume(s) per step, {learning_rate_text(settings.lr_min, settings.lr_max)}",
         "test volumes scored": f"{volume.get('count', len(predictions))}",
         **{f"time: {stage}": f"{seconds:.0f} s" for stage, seconds in timings.items()},
     }
@@ -561,7 +565,7 @@ def write_demo_report(
         notes=[
             *_slice_rule_notes(volumes, slice_level, paper_rule),
             *calibration_notes,
-            *_reading(volume.get("auc")),
+            *_reading(volume.get("auc"), settings),
             "## Files",
             "- `data/`: the demo volumes and `datalist.json`\n"
             "- `models/model.pt`: the best network by validation ROC AUC (with its slice rule and "
@@ -626,10 +630,24 @@ CHANCE_AUC_BELOW = 0.7
 """A test ROC AUC below this is read as training not having learned the task."""
 
 
-def _reading(auc: float | None) -> list[str]:
+def _start_text(settings: DemoSettings) -> str:
+    """Where training starts: ImageNet weights from a file, or random weights."""
+    return (
+        f"from ImageNet weights ({Path(settings.pretrained).name})" if settings.pretrained else "from scratch"
+    )
+
+
+def _reading(auc: float | None, settings: DemoSettings = DEFAULT) -> list[str]:
     """A paragraph for the report when the test AUC says the network has not learned the task."""
     if auc is None or not auc < CHANCE_AUC_BELOW:
         return []
+    if settings.pretrained:
+        return [
+            "## Reading",
+            f"The test ROC AUC of {auc:.3f} is near chance: the network has not learned the task, "
+            f"{_start_text(settings)}. Check that the file holds ImageNet weights of "
+            "`resnext50_32x4d`, or train longer (more epochs or volumes).",
+        ]
     return [
         "## Reading",
         f"The test ROC AUC of {auc:.3f} is near chance: the network has not learned the task. "
@@ -637,7 +655,8 @@ def _reading(auc: float | None) -> list[str]:
         "of realistic slice extent the demo's budget "
         f"({DEFAULT.epochs} epochs over {DEFAULT.volumes} volumes, {DEFAULT.batch_size} per step) "
         "has not been enough, nor were five epochs over 1,200 volumes (see `docs/results.md`). "
-        "Give the bundle an ImageNet file (`pretrained`) or train far longer; the outputs above "
+        "Start from an ImageNet file (`python -m pipeline demo --pretrained FILE`) or train far "
+        "longer; the outputs above "
         "show the whole job either way, and the localisation table then reads as chance.",
     ]
 
@@ -665,6 +684,10 @@ def run_demo(
     Returns:
         The report's path, the test metrics and the time of each stage.
     """
+    if settings.pretrained and not Path(settings.pretrained).is_file():
+        raise FileNotFoundError(
+            f"pretrained weights {settings.pretrained}: no such file (nothing is downloaded)"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -727,6 +750,7 @@ def _train(out_dir: Path, datalist: Path, settings: DemoSettings) -> None:
             "lr_max": settings.lr_max,
             "lr_half_cycle_epochs": settings.lr_half_cycle_epochs,
             "cpu_bf16_training": settings.bf16_training and cpu_has_native_bf16(),
+            "pretrained": settings.pretrained,
         },
     )
 
@@ -748,14 +772,7 @@ def _evaluate(out_dir: Path, datalist: Path, settings: DemoSettings, checkpoint:
 def _infer(out_dir: Path, datalist: Path, settings: DemoSettings, checkpoint: Path, progress: bool) -> None:
     """Batch inference on the test split through ``configs/inference.json``."""
     overrides = _bundle_overrides(out_dir, datalist, settings)
-    for training_only in (
-        "ckpt_dir",
-        "cache_dir",
-        "num_slices",
-        "seed",
-        "class_balance",
-        "augment_positives",
-    ):
+    for training_only in TRAINING_ONLY_IDS:
         overrides.pop(training_only, None)
     run_bundle(
         [BUNDLE_DIR / "configs" / "inference.json"],

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 
 from pipeline.export.report import AttentionExample, Report
 from pipeline.jobs.cli import main
-from pipeline.jobs.demo import QUICK, _calibration, _heatmap_figures, _reading, make_demo_datalist
+from pipeline.jobs.demo import QUICK, _calibration, _heatmap_figures, _reading, make_demo_datalist, run_demo
 from pipeline.synthetic.lesions import LesionSettings
 
 METRICS = ("acc", "pre", "rec", "f1", "sen", "spe", "auc")
@@ -175,6 +176,42 @@ def test_report_reads_a_chance_level_auc_as_not_learned() -> None:
     heading, paragraph = _reading(0.52)
     assert heading == "## Reading" and "0.520 is near chance" in paragraph
     assert "docs/results.md" in paragraph and "pretrained" in paragraph
+
+
+@pytest.mark.slow
+def test_demo_starts_from_a_local_imagenet_file(tmp_path: Path) -> None:
+    from tests.networks.test_pretrained import torchvision_resnext50_32x4d_shapes
+
+    generator = torch.Generator().manual_seed(7)
+    weights = {
+        key: torch.rand(shape, generator=generator) + 0.5
+        if key.endswith("running_var")
+        else torch.randint(0, 5, shape, generator=generator)
+        if key.endswith("num_batches_tracked")
+        else torch.randn(shape, generator=generator) * 0.05
+        for key, shape in torchvision_resnext50_32x4d_shapes().items()
+    }
+    imagenet = tmp_path / "resnext50_32x4d.pth"
+    torch.save(weights, imagenet)
+    settings = replace(
+        QUICK, real_positive=0, real_negative=0, phantom_positive=3, phantom_negative=3, size=32, slices=8,
+        examples=1, pretrained=str(imagenet),
+    )  # fmt: skip
+
+    result = run_demo(tmp_path / "demo", settings, base_ct=None, progress=False)
+
+    trained = torch.load(tmp_path / "demo" / "models" / "model.pt", weights_only=True)
+    backbone = "encoder.backbone."
+    # batch-norm estimates stay ImageNet's (frozen, as the paper did); weights moved a few Adam steps
+    assert torch.equal(trained[backbone + "layer3.5.bn2.running_var"], weights["layer3.5.bn2.running_var"])
+    for key in ("layer1.0.conv1.weight", "layer4.2.conv3.weight"):
+        assert (trained[backbone + key] - weights[key]).abs().max() < 0.01
+    stem = weights["conv1.weight"].sum(dim=1, keepdim=True)  # the RGB kernel summed for one channel
+    assert (trained[backbone + "conv1.weight"] - stem).abs().max() < 0.01
+    assert "from ImageNet weights (resnext50_32x4d.pth)" in result.report.read_text()
+
+    with pytest.raises(FileNotFoundError, match=r"absent\.pth: no such file"):
+        run_demo(tmp_path / "other", replace(settings, pretrained=str(tmp_path / "absent.pth")), base_ct=None)
 
 
 def test_demo_fetch_without_network_says_so_and_goes_on_with_phantoms(tmp_path, monkeypatch, capsys):
