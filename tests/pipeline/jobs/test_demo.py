@@ -54,7 +54,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert localisation["volumes"] == len(positives)
     assert 0 < localisation["slices"] <= sum(sum(item["slice_labels"]) for item in positives)
     assert _in_unit_range(localisation["pointing_game"]) and _in_unit_range(localisation["pixel_auc"])
-    assert metrics["heatmap"] == {"layer": "encoder.backbone.layer4", "method": "gradcam", "in_lung": False}
+    assert metrics["heatmap"] == {"layer": "encoder.backbone.layer4", "method": "gradcam", "in_lung": True}
 
     predictions = _read(out / "inference" / "predictions.csv")
     assert {row["case_id"] for row in predictions} == test_ids
