@@ -139,7 +139,13 @@ def localisation_section(localisation: Mapping[str, Any]) -> list[str]:
         markdown_table(["slices of positive test volumes", "pointing game", "pixel ROC AUC", "slices"], rows),
         f"Heatmaps ({setting}) against the lesion masks, on the network grid, in the "
         f"{localisation.get('volumes', 0)} positive test volumes: the pointing game counts the slices whose "
-        "hottest pixel lies in a lesion (dilated by one pixel); the pixel ROC AUC ranks the lung's pixels "
+        "hottest pixel lies in a lesion (dilated by one pixel)"
+        + (
+            f", {_format(localisation['pointing_game_chance'])} for a pixel drawn at random within the lung"
+            if localisation.get("pointing_game_chance") is not None
+            else ""
+        )
+        + "; the pixel ROC AUC ranks the lung's pixels "
         "of each slice by heat against the lesion pixels, averaged over slices (0.5: chance).",
     ]
 

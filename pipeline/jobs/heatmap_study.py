@@ -166,9 +166,9 @@ def study_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], chosen_o
         label = f"**{name}** (best on {chosen_on})" if name == best else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     counts = ", ".join(
-        f"{split}: {next(iter(results[split].values())).get('slices', 0)} lesion slices in "
-        f"{next(iter(results[split].values())).get('volumes', 0)} positive volumes"
-        for split in splits
+        f"{split}: {first.get('slices', 0)} lesion slices in {first.get('volumes', 0)} positive volumes, "
+        f"pointing game {_cell(first.get('pointing_game_chance'))} for a pixel drawn at random in the lung"
+        for split, first in ((split, next(iter(results[split].values()))) for split in splits)
     )
     return "\n".join(lines) + f"\n\n({counts}.)\n"
 

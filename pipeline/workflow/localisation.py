@@ -6,6 +6,8 @@ network grid), for the data whose items carry a lesion mask (``lesion``, e.g. th
 - **pointing game** (Zhang et al. 2018, as used for saliency maps of chest images): a slice is
   a hit when its map's hottest pixel lies inside a lesion dilated by ``tolerance`` pixels
   (8-connected); the score is the share of hits. A map that is zero everywhere is a miss.
+  Its chance level, ``pointing_game_chance``, is what a hottest pixel drawn at random within the
+  lung would score: the share of the lung the dilated lesions cover, averaged over the slices.
 - **pixel ROC AUC**: the ROC AUC of the map's values against the lesion pixels, within the
   lung mask (the network's mask channel), per slice, averaged over slices. Per slice, because
   maps are compared within a slice: a slice's ranking of its own pixels is what a reader sees.
@@ -32,7 +34,7 @@ from pipeline.workflow.heatmaps import slice_maps
 from pipeline.workflow.metrics import slice_predictions, volume_items
 from pipeline.workflow.slice_rule import network_slice_rule
 
-__all__ = ["LocalisationMetrics", "pointing_hit", "slice_pixel_auc"]
+__all__ = ["LocalisationMetrics", "pointing_chance", "pointing_hit", "slice_pixel_auc"]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -45,10 +47,25 @@ def pointing_hit(heatmap: np.ndarray, lesion: np.ndarray, tolerance: int = 1) ->
     heatmap = np.asarray(heatmap, dtype=np.float64)
     if not heatmap.size or not np.nanmax(heatmap) > 0:
         return False
+    return bool(_pointing_target(lesion, tolerance).flat[int(np.nanargmax(heatmap))])
+
+
+def pointing_chance(lesion: np.ndarray, region: np.ndarray | None = None, tolerance: int = 1) -> float:
+    """The pointing game's chance on one slice: the share of ``region`` in the dilated ``lesion``.
+
+    It is the hit rate of a hottest pixel drawn uniformly within ``region`` (the lung; all pixels:
+    ``None``); NaN for an empty region.
+    """
+    target = _pointing_target(lesion, tolerance)
+    inside = np.ones_like(target) if region is None else np.asarray(region, dtype=bool)
+    return float(target[inside].mean()) if inside.any() else float("nan")
+
+
+def _pointing_target(lesion: np.ndarray, tolerance: int) -> np.ndarray:
     target = np.asarray(lesion, dtype=bool)
     if tolerance > 0:
         target = ndimage.binary_dilation(target, structure=_EIGHT_CONNECTED, iterations=tolerance)
-    return bool(target.flat[int(np.nanargmax(heatmap))])
+    return target
 
 
 def slice_pixel_auc(heatmap: np.ndarray, lesion: np.ndarray, region: np.ndarray | None = None) -> float:
@@ -75,6 +92,7 @@ class LocalisationMetrics(Metric):
     with the same ``layer``, ``method`` and ``in_lung``), computed with the engine's network.
     ``compute()`` returns ``pointing_game``, ``pixel_auc`` (every lesion slice),
     ``pointing_game_called``, ``pixel_auc_called`` (the lesion slices the slice rule called),
+    ``pointing_game_chance`` (a hottest pixel drawn at random within the lung, every lesion slice)
     and the counts ``slices``, ``slices_called`` and ``volumes``, each key with ``prefix``. Works
     across distributed processes.
 
@@ -123,6 +141,7 @@ class LocalisationMetrics(Metric):
     def reset(self) -> None:
         self._hits: list[int] = []
         self._aucs: list[float] = []
+        self._chances: list[float] = []
         self._called: list[int] = []
         self._volumes = 0
         self._rule = network_slice_rule(None, self.tau, self.threshold)
@@ -167,6 +186,7 @@ class LocalisationMetrics(Metric):
             self._hits.append(int(pointing_hit(maps[position], lesion[..., index], self.tolerance)))
             region = None if lung is None else lung[..., index]
             self._aucs.append(slice_pixel_auc(maps[position], lesion[..., index], region))
+            self._chances.append(pointing_chance(lesion[..., index], region, self.tolerance))
         self._called.extend(int(call) for call in called)
         self._volumes += 1
 
@@ -179,6 +199,7 @@ class LocalisationMetrics(Metric):
             "pixel_auc": _mean(aucs),
             "pointing_game_called": _mean(hits[called]),
             "pixel_auc_called": _mean(aucs[called]),
+            "pointing_game_chance": _mean(gather_values(self._chances)),
             "slices": int(hits.size),
             "slices_called": int(called.sum()),
             "volumes": int(gather_values([self._volumes]).sum()),

@@ -54,6 +54,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert localisation["volumes"] == len(positives)
     assert 0 < localisation["slices"] <= sum(sum(item["slice_labels"]) for item in positives)
     assert _in_unit_range(localisation["pointing_game"]) and _in_unit_range(localisation["pixel_auc"])
+    assert 0.0 < localisation["pointing_game_chance"] < 1.0  # the lesions cover part of the lung
     assert metrics["heatmap"] == {"layer": "encoder.backbone.layer4", "method": "gradcam", "in_lung": True}
 
     predictions = _read(out / "inference" / "predictions.csv")
@@ -78,6 +79,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert re.search(rf"\| F1, every slice of a called volume \| - \| {value} \|", report)
     assert re.search(rf"\| Slice prevalence, all volumes \| - \| {value} \|", report)
     assert "## Calibration" in report and "figures/reliability.png" in report
+    assert re.search(r"[0-9.]+ for a pixel drawn at random within the lung", report)
     for level in ("volume", "slice"):
         assert "auc_ci" in metrics[level] and "acc_ci" in metrics[level]
     assert 0.0 <= metrics["volume"]["ece"] <= 1.0

@@ -14,6 +14,7 @@ def _row(pixel_auc: float, pointing: float, slices: int = 12, volumes: int = 3) 
         "pixel_auc_called": pixel_auc,
         "slices": slices,
         "volumes": volumes,
+        "pointing_game_chance": 0.25,
     }
 
 
@@ -50,4 +51,7 @@ def test_study_table_marks_the_validation_best_and_reports_both_splits() -> None
     assert lines[2] == "| layer4 gradcam | 0.500 | 0.600 | 0.600 | 0.550 | 0.650 | 0.650 |"
     best = "**layer3 gradcam** (best on validation)"
     assert lines[3] == f"| {best} | 0.400 | 0.700 | 0.700 | 0.450 | n/a | n/a |"
-    assert "test: 30 lesion slices in 7 positive volumes" in table
+    assert (
+        "test: 30 lesion slices in 7 positive volumes, pointing game 0.250 for a pixel drawn at random"
+        in table
+    )

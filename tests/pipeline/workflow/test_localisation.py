@@ -15,7 +15,7 @@ from networks import ResNextPlus
 from pipeline.workflow.batches import PrepareNetworkBatch
 from pipeline.workflow.heatmaps import slice_maps
 from pipeline.workflow.inferer import SliceAttentionInferer, attention_postprocessing
-from pipeline.workflow.localisation import LocalisationMetrics, pointing_hit, slice_pixel_auc
+from pipeline.workflow.localisation import LocalisationMetrics, pointing_chance, pointing_hit, slice_pixel_auc
 from pipeline.workflow.metrics import score_and_label
 
 SIZE, SLICES = 32, 4
@@ -33,6 +33,17 @@ def test_pointing_hit_counts_the_hottest_pixel_inside_the_dilated_lesion() -> No
     heatmap[4, 4], heatmap[5, 5] = 0.0, 1.0  # two pixels away
     assert not pointing_hit(heatmap, lesion, tolerance=1)
     assert not pointing_hit(np.zeros((8, 8)), lesion), "a map that is zero everywhere points nowhere"
+
+
+def test_pointing_chance_is_the_share_of_the_region_in_the_dilated_lesion() -> None:
+    lesion = np.zeros((8, 8), dtype=bool)
+    lesion[2:4, 2:4] = True  # 2 x 2, dilated by one pixel: 4 x 4
+    assert pointing_chance(lesion) == pytest.approx(16 / 64)
+    assert pointing_chance(lesion, tolerance=0) == pytest.approx(4 / 64)
+    lung = np.zeros((8, 8), dtype=bool)
+    lung[:, :4] = True  # 32 pixels, 12 of them in the dilated lesion (rows 1-4, columns 1-3)
+    assert pointing_chance(lesion, lung) == pytest.approx(12 / 32)
+    assert math.isnan(pointing_chance(lesion, np.zeros((8, 8), dtype=bool)))
 
 
 def test_pixel_auc_ranks_lesion_pixels_within_the_region() -> None:
@@ -95,6 +106,7 @@ def test_metric_in_an_evaluator_scores_the_lesion_slices_of_positive_volumes(in_
     assert result["slices"] == 3 and result["volumes"] == 2  # the negative volume is skipped
     assert result["pointing_game"] == pytest.approx(np.mean(hits))
     assert result["pixel_auc"] == pytest.approx(np.mean(aucs))
+    assert result["pointing_game_chance"] == pytest.approx(8 * 8 / 24**2)  # dilated 6 x 6 lesion in the lung
     assert 0 <= result["slices_called"] <= 3  # threshold 0: every volume may have its slices called
     assert (
         result["pixel_auc_called"] is None
