@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
 from monai.transforms import Compose
@@ -58,15 +60,31 @@ class SmallCNN(nn.Module):
         return self.classifier(features.amax(dim=1))
 
 
-def load_split(datalist: Path, split: str, size: int) -> tuple[Tensor, Tensor]:
-    """Preprocessed volumes ``(N, 2, size, size, S)`` and labels ``(N,)`` of one split."""
+@dataclass
+class LabelledSplit:
+    """One split's preprocessed volumes with their volume and slice labels."""
+
+    volumes: Tensor  # (N, 2, size, size, S), float16 as the evaluation preprocessing stores them
+    labels: Tensor  # (N,)
+    slice_labels: Tensor  # (N, S)
+
+
+def load_labelled_split(datalist: Path, split: str, size: int) -> LabelledSplit:
+    """The split's volumes (every slice, CT and lung mask stacked) with volume and slice labels."""
     transform = Compose(evaluation_transforms(use_mask=True, resize_size=size, spatial_size=size))
-    volumes, labels = [], []
+    volumes, labels, slice_labels = [], [], []
     for item in load_datalist(datalist, split, base_dir=datalist.parent):
         data = transform(dict(item))
-        volumes.append(torch.as_tensor(data["image"]).float())
+        volumes.append(torch.as_tensor(data["image"]).as_subclass(Tensor).half())
         labels.append(int(data["label"]))
-    return torch.stack(volumes), torch.tensor(labels)
+        slice_labels.append(torch.as_tensor(np.asarray(data["slice_labels"])))
+    return LabelledSplit(torch.stack(volumes), torch.tensor(labels), torch.stack(slice_labels).long())
+
+
+def load_split(datalist: Path, split: str, size: int) -> tuple[Tensor, Tensor]:
+    """Preprocessed volumes ``(N, 2, size, size, S)`` in float32 and labels ``(N,)`` of one split."""
+    loaded = load_labelled_split(datalist, split, size)
+    return loaded.volumes.float(), loaded.labels
 
 
 def test_auc(network: nn.Module, volumes: Tensor, labels: Tensor) -> float:

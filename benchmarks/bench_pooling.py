@@ -30,39 +30,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_learnability import SmallCNN  # sibling module: run as a script
+from bench_learnability import (  # sibling module: run as a script
+    LabelledSplit,
+    SmallCNN,
+    load_labelled_split,
+)
 from monai.metrics import compute_roc_auc
-from monai.transforms import Compose
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from networks import ResNextPlus
 from networks.resnext_plus import LSTM_INIT_STD
 from networks.slice_attention import SliceAttention
-from pipeline.data.datalist import load_datalist
 from pipeline.jobs.demo import DEFAULT, make_demo_datalist
 from pipeline.synthetic.base_ct import resolve_base_ct
 from pipeline.workflow.precision import cpu_has_native_bf16
-from pipeline.workflow.preprocessing import evaluation_transforms
-
-
-@dataclass
-class Split:
-    volumes: Tensor  # (N, 2, H, W, S) float16
-    labels: Tensor  # (N,)
-    slice_labels: Tensor  # (N, S)
-
-
-def load_split(datalist: Path, split: str, size: int) -> Split:
-    """The split's preprocessed volumes with their volume and slice labels."""
-    transform = Compose(evaluation_transforms(use_mask=True, resize_size=size, spatial_size=size))
-    volumes, labels, slice_labels = [], [], []
-    for item in load_datalist(datalist, split, base_dir=datalist.parent):
-        data = transform(dict(item))
-        volumes.append(torch.as_tensor(data["image"]).as_subclass(Tensor).half())
-        labels.append(int(data["label"]))
-        slice_labels.append(torch.as_tensor(np.asarray(data["slice_labels"])))
-    return Split(torch.stack(volumes), torch.tensor(labels), torch.stack(slice_labels).long())
 
 
 class SmallEncoder(nn.Module):
@@ -186,7 +168,7 @@ RESNEXT_ROWS = (
 )
 
 
-def test_auc(network: nn.Module, test: Split, autocast: Callable[[], object]) -> float:
+def test_auc(network: nn.Module, test: LabelledSplit, autocast: Callable[[], object]) -> float:
     network.eval()
     with torch.no_grad(), autocast():
         scores = torch.cat(
@@ -196,7 +178,9 @@ def test_auc(network: nn.Module, test: Split, autocast: Callable[[], object]) ->
     return float(compute_roc_auc(scores, test.labels))
 
 
-def train(row: Row, training: Split, test: Split, args: argparse.Namespace, seed: int) -> tuple[float, float]:
+def train(
+    row: Row, training: LabelledSplit, test: LabelledSplit, args: argparse.Namespace, seed: int
+) -> tuple[float, float]:
     """Test ROC AUC after the last step and the mean training loss over the last ``--every`` steps."""
     torch.manual_seed(seed)
     network = row.network()
@@ -226,7 +210,7 @@ def train(row: Row, training: Split, test: Split, args: argparse.Namespace, seed
     return test_auc(network, test, autocast), float(np.mean(losses[-args.every :]))
 
 
-def table_row(row: Row, training: Split, test: Split, args: argparse.Namespace) -> str:
+def table_row(row: Row, training: LabelledSplit, test: LabelledSplit, args: argparse.Namespace) -> str:
     """One table row: the test ROC AUC over ``--seeds`` seeds (mean, SD, each) and the loss."""
     start = time.perf_counter()
     runs = np.array([train(row, training, test, args, args.seed + k) for k in range(args.seeds)])
@@ -260,7 +244,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     datalist = args.datalist or make_demo_datalist(args.out / "data", DEFAULT, resolve_base_ct())[0]
-    training, test = (load_split(datalist, split, DEFAULT.size) for split in ("training", "test"))
+    training, test = (load_labelled_split(datalist, split, DEFAULT.size) for split in ("training", "test"))
     shape = tuple(test.volumes.shape[1:])
     print(f"{len(training.labels)} training, {len(test.labels)} test volumes, each {shape}")
     print(
