@@ -656,8 +656,8 @@ def _reading(auc: float | None, settings: DemoSettings = DEFAULT) -> list[str]:
         f"({DEFAULT.epochs} epochs over {DEFAULT.volumes} volumes, {DEFAULT.batch_size} per step) "
         "has not been enough, nor were five epochs over 1,200 volumes (see `docs/results.md`). "
         "Start from an ImageNet file (`python -m pipeline demo --pretrained FILE`) or train far "
-        "longer; the outputs above "
-        "show the whole job either way, and the localisation table then reads as chance.",
+        "longer; the outputs above show the whole job either way, and the localisation table then "
+        "reads as chance.",
     ]
 
 
